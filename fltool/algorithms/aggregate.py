@@ -1,0 +1,44 @@
+"""The server aggregation rule: w <- sum_k n_k/n * w_k, then an optional server step."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+class WeightedSum:
+    """Streams sum_k n_k * w_k so that a cohort never needs all client models at once.
+
+    Kept as a sum (not a running mean) so partial sums from several ranks can be
+    all-reduced and divided once.
+    """
+
+    def __init__(self, like: Sequence[Tensor]) -> None:
+        self.sums = [torch.zeros_like(t) for t in like]
+        self.total = 0.0
+
+    def add(self, params: Sequence[Tensor], weight: float) -> None:
+        torch._foreach_add_(self.sums, list(params), alpha=float(weight))
+        self.total += float(weight)
+
+    def average(self) -> list[Tensor]:
+        if self.total <= 0:
+            raise ValueError("no client contributed a positive weight")
+        return torch._foreach_div(self.sums, self.total)
+
+
+def weighted_average(client_params: Sequence[Sequence[Tensor]], weights: Sequence[float]) -> list[Tensor]:
+    acc = WeightedSum(client_params[0])
+    for params, w in zip(client_params, weights, strict=True):
+        acc.add(params, w)
+    return acc.average()
+
+
+def server_update(global_params: Sequence[Tensor], average: Sequence[Tensor], server_lr: float) -> list[Tensor]:
+    """w + server_lr * (avg - w); server_lr = 1 is plain FedAvg (returns avg exactly)."""
+    if server_lr == 1.0:
+        return [a.clone() for a in average]
+    delta = torch._foreach_sub(list(average), list(global_params))
+    return torch._foreach_add(list(global_params), delta, alpha=server_lr)

@@ -1,0 +1,88 @@
+"""The client update rule: E epochs of minibatch SGD, optionally with FedProx's term.
+
+FedAvg, FedSGD and FedProx differ only in the `LocalRule` they build (see `rule_for`).
+Functions here are pure: they take tensors and return tensors; they never print or
+touch files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fltool.config.schema import FederatedConfig
+
+# apply_fn(params, x) -> logits; params in the order of model.parameters()
+ApplyFn = Callable[[Sequence[Tensor], Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class LocalRule:
+    epochs: int
+    batch_size: int | None  # None: full batch
+    lr: float
+    mu: float = 0.0  # FedProx: adds mu/2 * ||w - w_global||^2 to the local loss
+
+
+def rule_for(mode: str, fed: FederatedConfig) -> LocalRule:
+    if mode == "fedsgd":  # one full-batch gradient step per client
+        return LocalRule(epochs=1, batch_size=None, lr=fed.lr)
+    mu = fed.mu if mode == "fedprox" else 0.0
+    return LocalRule(epochs=fed.local_epochs, batch_size=fed.batch_size, lr=fed.lr, mu=mu)
+
+
+def steps_per_epoch(n: int, batch_size: int | None) -> int:
+    return 1 if batch_size is None else -(-n // batch_size)
+
+
+def batch_schedule(n: int, rule: LocalRule, generator: torch.Generator) -> list[Tensor]:
+    """Index batches for all local epochs: a fresh permutation per epoch, last batch partial."""
+    if rule.batch_size is None:
+        return [torch.arange(n)] * rule.epochs
+    batches: list[Tensor] = []
+    for _ in range(rule.epochs):
+        batches.extend(torch.randperm(n, generator=generator).split(rule.batch_size))
+    return batches
+
+
+def proximal_term(params: Sequence[Tensor], anchor: Sequence[Tensor], mu: float) -> Tensor:
+    """mu/2 * ||w - w_global||^2; its gradient is mu * (w - w_global)."""
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+
+
+def local_objective(
+    apply_fn: ApplyFn, params: Sequence[Tensor], anchor: Sequence[Tensor], x: Tensor, y: Tensor, mu: float
+) -> tuple[Tensor, Tensor]:
+    """(loss to differentiate, plain cross-entropy for reporting)."""
+    ce = F.cross_entropy(apply_fn(params, x), y)
+    return (ce + proximal_term(params, anchor, mu) if mu > 0 else ce), ce
+
+
+def client_update(
+    apply_fn: ApplyFn,
+    global_params: Sequence[Tensor],
+    x: Tensor,
+    y: Tensor,
+    rule: LocalRule,
+    batches: Sequence[Tensor],
+) -> tuple[list[Tensor], Tensor]:
+    """Run the local rule from `global_params` on one client's (x, y).
+
+    Returns the client's new parameters and the sum of its minibatch cross-entropies
+    (a tensor, so no host sync happens here).
+    """
+    anchor = [p.detach() for p in global_params]
+    params = [p.detach().clone().requires_grad_(True) for p in global_params]
+    loss_sum = torch.zeros((), device=x.device)
+    for idx in batches:
+        idx = idx.to(x.device, non_blocking=True)
+        loss, ce = local_objective(apply_fn, params, anchor, x[idx], y[idx], rule.mu)
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            torch._foreach_add_(params, grads, alpha=-rule.lr)
+        loss_sum = loss_sum + ce.detach()
+    return [p.detach() for p in params], loss_sum

@@ -1,0 +1,96 @@
+"""The `fltool` command line: parses arguments and delegates; no training logic here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fltool.errors import FltoolError
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Federated learning (FedAvg, FedSGD, FedProx) and DDP training from a YAML experiment file.",
+)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """FltoolError -> its lines on stderr and exit 2; FLTOOL_DEBUG=1 keeps the traceback."""
+    try:
+        yield
+    except FltoolError as exc:
+        if os.environ.get("FLTOOL_DEBUG") == "1":
+            raise
+        for line in exc.lines:
+            typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        if os.environ.get("FLTOOL_DEBUG") == "1":
+            raise
+        typer.echo("interrupted: the last checkpoint is intact; continue with `fltool train --resume RUN_DIR`", err=True)
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def train(
+    config: Annotated[Optional[str], typer.Argument(help="Experiment YAML file.", show_default=False)] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides: key=value ...")] = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")] = False,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory.")] = None,
+) -> None:
+    """Train from CONFIG (federated simulation in-process, or DDP with world size 1)."""
+    from fltool.config import dump_config, load_config
+    from fltool.engine.runner import resume_run, start_run
+    from fltool.ui import make_reporter
+
+    overrides = list(overrides or [])
+    with user_errors():
+        if resume is not None:
+            if config is not None:  # with --resume every positional is an override
+                overrides.insert(0, config)
+            summary = resume_run(resume, overrides, make_reporter())
+        else:
+            if config is None:
+                raise FltoolError("train: missing CONFIG; usage: fltool train CONFIG.yaml [key=value ...]")
+            cfg = load_config(config, overrides)
+            if print_config:
+                typer.echo(dump_config(cfg), nl=False)
+                return
+            summary = start_run(cfg, make_reporter())
+    del summary
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by fltool.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    data_root: Annotated[Optional[str], typer.Option(help="Override data.root of the stored config.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Evaluate CHECKPOINT on the test split of its dataset."""
+    from fltool.engine.evaluate_checkpoint import evaluate_checkpoint
+    from fltool.ui import print_eval
+
+    with user_errors():
+        report = evaluate_checkpoint(checkpoint, data_root=data_root, device=device)
+        if as_json:
+            typer.echo(json.dumps(report))
+        else:
+            print_eval(report)
+
+
+def main() -> None:
+    app(prog_name="fltool")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""YAML -> validated `Config`, with dotted command-line overrides.
+
+Every problem is collected before failing, so a user fixes a file in one pass. Each
+message names the source (file or command line), the dotted key, and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from fltool.config.schema import Config
+from fltool.errors import FltoolError
+
+_MISSING = object()
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read `path` (or start from defaults when None), apply `key=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        raw = read_yaml_mapping(Path(path))
+    cli_errors: list[str] = []
+    provenance: dict[str, str] = {}
+    for item in overrides or []:
+        try:
+            key, value = parse_override(item)
+        except FltoolError as exc:
+            cli_errors.extend(exc.lines)
+            continue
+        _set_dotted(raw, key, value)
+        provenance[key] = "command line"
+    return config_from_dict(raw, source, provenance, cli_errors)
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FltoolError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise FltoolError(f"{path}: is a directory, expected a YAML file") from None
+    except OSError as exc:
+        raise FltoolError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise FltoolError(f"{path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FltoolError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`federated.rounds=5` -> ("federated.rounds", 5); the value is typed as YAML."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise FltoolError(f"command line: override {item!r} must look like key=value, e.g. federated.rounds=5")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def config_from_dict(
+    raw: dict[str, Any],
+    source: str = "<dict>",
+    provenance: dict[str, str] | None = None,
+    extra_errors: list[str] | None = None,
+) -> Config:
+    errors = list(extra_errors or [])
+    cfg = _build(Config, raw, "", source, provenance or {}, errors)
+    if not errors:
+        _cross_checks(cfg, source, errors)
+    if errors:
+        raise FltoolError(*errors)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str, prov: dict[str, str], errors: list[str]):
+    where = prefix.rstrip(".") or "<top level>"
+    if not isinstance(raw, dict):
+        errors.append(f"{prov.get(where, source)}: {where}: expected a mapping, got {_show(raw)}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            dotted = f"{prefix}{key}"
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            errors.append(f"{prov.get(dotted, source)}: {dotted}: unknown key{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        dotted = f"{prefix}{name}"
+        src = prov.get(dotted, source)
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, raw[name], dotted + ".", source, prov, errors)
+            continue
+        value, problem = _coerce(raw[name], tp)
+        if problem:
+            errors.append(f"{src}: {dotted}: {problem}")
+            continue
+        check = f.metadata.get("check")
+        if check and value is not None and not check[0](value):
+            errors.append(f"{src}: {dotted}: must be {check[1]}, got {_show(value)}")
+            continue
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any) -> tuple[Any, str | None]:
+    """Return (value, None) when `value` fits type `tp`, else (None, problem text)."""
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None, None
+        inner = [a for a in args if a is not type(None)]
+        value_, problem = _coerce(value, inner[0]) if len(inner) == 1 else (value, None)
+        if problem and type(None) in args:
+            problem += " or null"
+        return value_, problem
+    if origin is Literal:
+        if value in args and type(value) is type(args[0]):
+            return value, None
+        allowed = ", ".join(str(a) for a in args)
+        return None, f"must be one of {allowed}; got {_show(value)}"
+    if origin is list:
+        if not isinstance(value, list):
+            return None, f"expected a list, got {_show(value)}"
+        out = []
+        for item in value:
+            item_, problem = _coerce(item, args[0])
+            if problem:
+                return None, f"list item: {problem}"
+            out.append(item_)
+        return out, None
+    if tp is bool:
+        return (value, None) if isinstance(value, bool) else (None, f"expected true or false, got {_show(value)}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, None
+        if isinstance(value, float) and value.is_integer():
+            return int(value), None
+        return None, f"expected an integer, got {_show(value)}"
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value), None
+        return None, f"expected a number, got {_show(value)}"
+    if tp is str:
+        return (value, None) if isinstance(value, str) else (None, f"expected a string, got {_show(value)}")
+    return value, None
+
+
+def _cross_checks(cfg: Config, source: str, errors: list[str]) -> None:
+    """Rules that involve more than one field."""
+    if cfg.data.dataset == "synthetic" and any(s < 1 for s in cfg.data.synthetic.shape):
+        errors.append(f"{source}: data.synthetic.shape: every dimension must be >= 1")
+    if cfg.data.dataset == "synthetic" and len(cfg.data.synthetic.shape) != 3:
+        errors.append(f"{source}: data.synthetic.shape: must be [channels, height, width]")
+    if cfg.mode != "ddp" and cfg.data.partition == "shards":
+        shards = cfg.federated.num_clients * cfg.data.shards_per_client
+        size = cfg.data.synthetic.train_size if cfg.data.dataset == "synthetic" else 60000
+        if shards > size:
+            errors.append(
+                f"{source}: data.shards_per_client: {shards} shards exceed the {size} training examples"
+            )
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if value is None:
+        return "null"
+    return f"{value!r} ({type(value).__name__})" if not isinstance(value, (int, float)) else repr(value)

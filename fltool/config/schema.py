@@ -1,0 +1,110 @@
+"""The experiment config: one dataclass tree, the single source of truth.
+
+Each field may carry `check` metadata: a (predicate, description) pair used by the
+validator. Allowed string values are expressed with `Literal` so the validator can
+list them in its error message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Mode = Literal["fedavg", "fedsgd", "fedprox", "ddp"]
+
+
+def _check(pred, text: str) -> dict:
+    return {"check": (pred, text)}
+
+
+POSITIVE = _check(lambda v: v > 0, "> 0")
+NON_NEGATIVE = _check(lambda v: v >= 0, ">= 0")
+AT_LEAST_ONE = _check(lambda v: v >= 1, ">= 1")
+UNIT_INTERVAL_OPEN_LEFT = _check(lambda v: 0 < v <= 1, "in (0, 1]")
+UNIT_INTERVAL_CLOSED = _check(lambda v: 0 <= v <= 1, "in [0, 1]")
+PERCENT = _check(lambda v: 0 < v <= 1, "in (0, 1] (a fraction, not a percentage)")
+
+
+@dataclass
+class SyntheticConfig:
+    """A deterministic Gaussian-mixture classification set, for fast tests and timing."""
+
+    train_size: int = field(default=2000, metadata=AT_LEAST_ONE)
+    test_size: int = field(default=500, metadata=AT_LEAST_ONE)
+    shape: list[int] = field(default_factory=lambda: [1, 28, 28])
+    num_classes: int = field(default=10, metadata=_check(lambda v: v >= 2, ">= 2"))
+    noise: float = field(default=1.0, metadata=POSITIVE)
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["mnist", "fashion_mnist", "synthetic"] = "mnist"
+    root: str | None = None  # read-only source of raw archives; else $FLTOOL_DATA
+    cache: str | None = None  # where archives are extracted; else $FLTOOL_CACHE or ~/.cache/fltool
+    partition: Literal["iid", "shards", "dirichlet"] = "iid"
+    alpha: float = field(default=0.5, metadata=POSITIVE)  # dirichlet concentration
+    shards_per_client: int = field(default=2, metadata=AT_LEAST_ONE)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["mlp", "cnn", "cnn_small", "cnn_cifar"] = "mlp"
+
+
+@dataclass
+class FederatedConfig:
+    num_clients: int = field(default=100, metadata=AT_LEAST_ONE)  # K
+    fraction: float = field(default=0.1, metadata=UNIT_INTERVAL_OPEN_LEFT)  # C
+    rounds: int = field(default=50, metadata=AT_LEAST_ONE)
+    local_epochs: int = field(default=1, metadata=AT_LEAST_ONE)  # E
+    batch_size: int | None = field(default=10, metadata=AT_LEAST_ONE)  # B; null = full batch
+    lr: float = field(default=0.1, metadata=POSITIVE)  # client learning rate
+    server_lr: float = field(default=1.0, metadata=POSITIVE)
+    mu: float = field(default=0.0, metadata=NON_NEGATIVE)  # FedProx proximal weight
+    engine: Literal["sequential", "vectorized", "auto"] = "sequential"
+
+
+@dataclass
+class DDPConfig:
+    epochs: int = field(default=1, metadata=AT_LEAST_ONE)
+    batch_size: int = field(default=64, metadata=AT_LEAST_ONE)  # per rank
+    lr: float = field(default=0.01, metadata=POSITIVE)
+    optimizer: Literal["sgd", "momentum", "adamw"] = "sgd"
+    momentum: float = field(default=0.9, metadata=_check(lambda v: 0 <= v < 1, "in [0, 1)"))
+    weight_decay: float = field(default=0.0, metadata=NON_NEGATIVE)
+    warmup_steps: int = field(default=0, metadata=NON_NEGATIVE)
+    schedule: Literal["constant", "cosine"] = "constant"
+    grad_accum_steps: int = field(default=1, metadata=AT_LEAST_ONE)
+    amp: Literal["none", "bf16"] = "none"
+    compile: bool = False
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    timeout_s: int = field(default=300, metadata=AT_LEAST_ONE)  # process-group timeout
+
+
+@dataclass
+class EvalConfig:
+    every: int = field(default=1, metadata=AT_LEAST_ONE)  # rounds (or epochs for ddp)
+    batch_size: int = field(default=1000, metadata=AT_LEAST_ONE)
+    target_accuracy: float | None = field(default=None, metadata=PERCENT)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"
+    run_dir: str | None = None  # exact run directory; default <dir>/<name>/<timestamp>
+    checkpoint_every: int = field(default=1, metadata=AT_LEAST_ONE)
+
+
+@dataclass
+class Config:
+    name: str = "experiment"
+    mode: Mode = "fedavg"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)

@@ -1,0 +1,120 @@
+"""Datasets held as normalised tensors: no per-sample PIL or Python in the training path.
+
+The data root (config `data.root` or `$FLTOOL_DATA`) is treated as read-only: its raw
+archives are copied into a cache (`data.cache`, `$FLTOOL_CACHE` or ~/.cache/fltool),
+where torchvision verifies their MD5s and extracts them, offline.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fltool.config.schema import DataConfig, SyntheticConfig
+from fltool.errors import FltoolError
+
+# name -> (torchvision class name, folder, mean, std) of the training images
+_TORCHVISION = {
+    "mnist": ("MNIST", "MNIST", 0.1307, 0.3081),
+    "fashion_mnist": ("FashionMNIST", "FashionMNIST", 0.2860, 0.3530),
+}
+
+
+@dataclass
+class TensorSplit:
+    x: torch.Tensor  # float32 [N, C, H, W], normalised
+    y: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+    def to(self, device: torch.device | str) -> TensorSplit:
+        return TensorSplit(self.x.to(device), self.y.to(device))
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: TensorSplit
+    test: TensorSplit
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+    def to(self, device: torch.device | str) -> Dataset:
+        return Dataset(self.name, self.train.to(device), self.test.to(device), self.num_classes)
+
+
+def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
+    if cfg.dataset == "synthetic":
+        return make_synthetic(cfg.synthetic, seed)
+    return _load_torchvision(cfg)
+
+
+def data_root(cfg: DataConfig) -> Path | None:
+    root = cfg.root or os.environ.get("FLTOOL_DATA")
+    return Path(root).expanduser() if root else None
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    cache = cfg.cache or os.environ.get("FLTOOL_CACHE") or Path.home() / ".cache" / "fltool" / "data"
+    return Path(cache).expanduser()
+
+
+def _load_torchvision(cfg: DataConfig) -> Dataset:
+    import torchvision
+
+    cls_name, folder, mean, std = _TORCHVISION[cfg.dataset]
+    cache = cache_root(cfg)
+    source = data_root(cfg)
+    if source is not None:
+        _copy_raw_archives(source / folder / "raw", cache / folder / "raw")
+    cls = getattr(torchvision.datasets, cls_name)
+    try:
+        splits = [cls(str(cache), train=train, download=True) for train in (True, False)]
+    except Exception as exc:  # torchvision raises RuntimeError/URLError when offline and missing
+        where = f"{source}/{folder}/raw" if source else "$FLTOOL_DATA (unset)"
+        raise FltoolError(
+            f"data.dataset: cannot load {cfg.dataset}: {exc}".splitlines()[0],
+            f"data.root: put the raw archives in {where} or set data.root / FLTOOL_DATA",
+        ) from None
+    train, test = (_normalise(s.data, s.targets, mean, std) for s in splits)
+    return Dataset(cfg.dataset, train, test, num_classes=10)
+
+
+def _copy_raw_archives(src: Path, dst: Path) -> None:
+    if not src.is_dir():
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    for archive in src.glob("*.gz"):
+        target = dst / archive.name
+        if target.exists() and target.stat().st_size == archive.stat().st_size:
+            continue
+        tmp = target.with_suffix(target.suffix + ".tmp")
+        shutil.copyfile(archive, tmp)
+        os.replace(tmp, target)
+
+
+def _normalise(images: torch.Tensor, labels: torch.Tensor, mean: float, std: float) -> TensorSplit:
+    x = images.to(torch.float32).div_(255.0).sub_(mean).div_(std).unsqueeze(1).contiguous()
+    return TensorSplit(x, labels.to(torch.int64).contiguous())
+
+
+def make_synthetic(cfg: SyntheticConfig, seed: int = 0) -> Dataset:
+    """Class-conditional Gaussians around random prototypes: learnable, deterministic, tiny."""
+    g = torch.Generator().manual_seed(10_007 + seed)
+    shape = tuple(cfg.shape)
+    prototypes = torch.randn((cfg.num_classes, *shape), generator=g)
+
+    def split(n: int) -> TensorSplit:
+        y = torch.randint(cfg.num_classes, (n,), generator=g)
+        x = prototypes[y] + cfg.noise * torch.randn((n, *shape), generator=g)
+        return TensorSplit(x.contiguous(), y)
+
+    return Dataset("synthetic", split(cfg.train_size), split(cfg.test_size), cfg.num_classes)

@@ -1,0 +1,83 @@
+"""Cohort trainers: run the client update rule for a round's sampled clients.
+
+An engine returns the n_k-weighted sum of client models (not the average), so that
+partial sums from several ranks can be all-reduced before the server divides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from fltool.algorithms import LocalRule, WeightedSum, batch_schedule, client_update, derive_seed
+from fltool.algorithms.local import ApplyFn
+from fltool.algorithms.sampling import generator_for
+
+
+@dataclass
+class ClientData:
+    id: int
+    x: Tensor
+    y: Tensor
+
+    @property
+    def n(self) -> int:
+        return self.y.shape[0]
+
+
+@dataclass
+class CohortResult:
+    weighted: WeightedSum  # sum_k n_k * w_k over this process's clients
+    loss_sum: Tensor  # sum_k n_k * (mean minibatch cross-entropy of client k)
+
+
+def client_batches(seed: int, round_: int, client_id: int, n: int, rule: LocalRule) -> list[Tensor]:
+    """The minibatch schedule of one client in one round; every engine uses exactly this."""
+    return batch_schedule(n, rule, generator_for(seed, "batches", round_, client_id))
+
+
+def client_dropout_seed(seed: int, round_: int, client_id: int) -> int:
+    return derive_seed(seed, "dropout", round_, client_id)
+
+
+def make_apply_fn(model: nn.Module) -> ApplyFn:
+    names = [name for name, _ in model.named_parameters()]
+    buffers = dict(model.named_buffers())
+
+    def apply_fn(params: Sequence[Tensor], x: Tensor) -> Tensor:
+        return functional_call(model, {**dict(zip(names, params)), **buffers}, (x,))
+
+    return apply_fn
+
+
+class SequentialEngine:
+    """One client after another, each a plain functional SGD loop."""
+
+    name = "sequential"
+
+    def __init__(self, model: nn.Module, seed: int) -> None:
+        self.model = model
+        self.seed = seed
+        self.apply_fn = make_apply_fn(model)
+
+    def train_cohort(
+        self, global_params: Sequence[Tensor], clients: Sequence[ClientData], rule: LocalRule, round_: int
+    ) -> CohortResult:
+        weighted = WeightedSum(global_params)
+        loss_sum = torch.zeros((), device=global_params[0].device)
+        self.model.train()
+        for client in clients:
+            batches = client_batches(self.seed, round_, client.id, client.n, rule)
+            torch.manual_seed(client_dropout_seed(self.seed, round_, client.id))
+            params, client_loss = client_update(self.apply_fn, global_params, client.x, client.y, rule, batches)
+            weighted.add(params, client.n)
+            loss_sum = loss_sum + client_loss * (client.n / len(batches))
+        return CohortResult(weighted, loss_sum)
+
+
+def make_engine(name: str, model: nn.Module, seed: int) -> SequentialEngine:
+    return SequentialEngine(model, seed)

@@ -1,0 +1,44 @@
+"""Test-set evaluation: loss, accuracy and per-class accuracy with one host sync."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fltool.data import TensorSplit
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    per_class: list[float]
+    examples: int
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: TensorSplit, batch_size: int, num_classes: int) -> EvalResult:
+    was_training = model.training
+    model.eval()
+    device = split.x.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros(num_classes, device=device, dtype=torch.int64)
+    for start in range(0, len(split), batch_size):
+        x, y = split.x[start : start + batch_size], split.y[start : start + batch_size]
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        hits = logits.argmax(1) == y
+        correct += torch.bincount(y[hits], minlength=num_classes)
+    model.train(was_training)
+    counts = torch.bincount(split.y, minlength=num_classes).clamp_min(1)
+    correct_cpu, counts_cpu = correct.cpu(), counts.cpu()
+    n = len(split)
+    return EvalResult(
+        loss=loss_sum.item() / n,
+        accuracy=correct_cpu.sum().item() / n,
+        per_class=(correct_cpu.double() / counts_cpu.double()).tolist(),
+        examples=n,
+    )

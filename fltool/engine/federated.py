@@ -1,0 +1,164 @@
+"""The federated round loop shared by fedavg, fedsgd and fedprox.
+
+Per round: sample clients, run the client rule (via an engine), aggregate
+w <- sum n_k/n * w_k, evaluate, log, checkpoint. Under `fltool launch` each rank
+trains a slice of the cohort and the weighted sums are all-reduced (see `Comm`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fltool.algorithms import rule_for, sample_clients, server_update
+from fltool.algorithms.sampling import generator_for
+from fltool.config import Config
+from fltool.data import load_dataset, partition
+from fltool.engine.checkpoint import make_checkpoint, save_checkpoint
+from fltool.engine.cohort import ClientData, make_engine
+from fltool.engine.evaluate import evaluate
+from fltool.engine.metrics import MetricsLog
+from fltool.engine.rundir import best_checkpoint, last_checkpoint
+from fltool.engine.setup import resolve_device, seeded_model
+
+
+class Comm:
+    """Single-process stand-in for a process group; `fltool.distributed` subclasses it."""
+
+    rank = 0
+    world_size = 1
+    device: torch.device | None = None  # set by a distributed Comm to the rank's device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, tensors: list[Tensor]) -> None:
+        """Sum `tensors` in place across ranks."""
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    rounds_completed: int
+    final_accuracy: float | None
+    final_loss: float | None
+    best_accuracy: float | None
+    target_round: int | None
+    wall_s: float
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+def build_clients(cfg: Config, device: torch.device) -> tuple[Any, list[ClientData]]:
+    dataset = load_dataset(cfg.data, cfg.seed).to(device)
+    parts = partition(dataset.train.y.cpu(), cfg.federated.num_clients, cfg.data, cfg.seed)
+    clients = []
+    for k, idx in enumerate(parts):
+        idx = idx.to(device)
+        clients.append(ClientData(k, dataset.train.x[idx], dataset.train.y[idx]))
+    return dataset, clients
+
+
+def train_federated(
+    cfg: Config,
+    run_dir: Path,
+    on_round: RoundCallback | None = None,
+    resume: dict[str, Any] | None = None,
+    comm: Comm | None = None,
+) -> RunSummary:
+    comm = comm or Comm()
+    device = comm.device or resolve_device(cfg.device)
+    dataset, clients = build_clients(cfg, device)
+    model = seeded_model(cfg, dataset, device)
+    engine = make_engine(cfg.federated.engine, model, cfg.seed)
+    rule = rule_for(cfg.mode, cfg.federated)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    log = MetricsLog(run_dir)
+    start, best = 1, None
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        start, best = resume["round"] + 1, resume["best_accuracy"]
+        log.rows = list(resume["metrics"])
+    elapsed0 = log.rows[-1]["elapsed_s"] if log.rows else 0.0
+    t0 = time.perf_counter()
+    params = list(model.parameters())
+    target_round, last_eval = None, None
+
+    for r in range(start, cfg.federated.rounds + 1):
+        t_round = time.perf_counter()
+        sampled = sample_clients(len(clients), cfg.federated.fraction, generator_for(cfg.seed, "sample", r))
+        mine = [clients[k] for k in sampled[comm.rank :: comm.world_size]]
+        global_now = [p.detach() for p in params]
+        result = engine.train_cohort(global_now, mine, rule, r)
+        comm.all_reduce_sum([*result.weighted.sums, result.loss_sum])
+        n_total = sum(clients[k].n for k in sampled)  # every rank knows every n_k
+        result.weighted.total = float(n_total)
+        with torch.no_grad():
+            new = server_update(global_now, result.weighted.average(), cfg.federated.server_lr)
+            torch._foreach_copy_(global_now, new)
+
+        row: dict[str, Any] = {
+            "round": r,
+            "clients": len(sampled),
+            "client_ids": sampled,
+            "train_loss": result.loss_sum.item() / n_total,
+            "test_loss": None,
+            "test_accuracy": None,
+        }
+        final = r == cfg.federated.rounds
+        if r % cfg.eval.every == 0 or final:
+            # Every rank evaluates the same global model, so a target-accuracy stop is
+            # decided identically everywhere without another collective.
+            last_eval = evaluate(model, dataset.test, cfg.eval.batch_size, dataset.num_classes)
+            row["test_loss"], row["test_accuracy"] = last_eval.loss, last_eval.accuracy
+        row["wall_s"] = time.perf_counter() - t_round
+        row["elapsed_s"] = elapsed0 + time.perf_counter() - t0
+        row["bytes_up"] = row["bytes_down"] = len(sampled) * model_bytes
+
+        reached = (
+            cfg.eval.target_accuracy is not None
+            and row["test_accuracy"] is not None
+            and row["test_accuracy"] >= cfg.eval.target_accuracy
+        )
+        improved = row["test_accuracy"] is not None and (best is None or row["test_accuracy"] > best)
+        best = row["test_accuracy"] if improved else best
+        if comm.is_main:
+            log.append(row)
+            if improved or r % cfg.output.checkpoint_every == 0 or final or reached:
+                state = make_checkpoint(cfg, model, r, log.rows, best)
+                if r % cfg.output.checkpoint_every == 0 or final or reached:
+                    save_checkpoint(state, last_checkpoint(run_dir))
+                if improved:
+                    save_checkpoint(state, best_checkpoint(run_dir))
+            if on_round:
+                on_round(row)
+        else:
+            log.rows.append(row)
+        if reached:
+            target_round = r
+            break
+    comm.barrier()
+    evaluated = [row for row in log.rows if row["test_accuracy"] is not None]
+    return RunSummary(
+        run_dir=run_dir,
+        rounds_completed=log.rows[-1]["round"] if log.rows else 0,
+        final_accuracy=evaluated[-1]["test_accuracy"] if evaluated else None,
+        final_loss=evaluated[-1]["test_loss"] if evaluated else None,
+        best_accuracy=best,
+        target_round=target_round,
+        wall_s=time.perf_counter() - t0,
+        metrics=log.rows,
+    )

@@ -1,0 +1,50 @@
+"""Per-round metrics, rewritten atomically as CSV and JSON lines after every round."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from fltool.engine.atomic import atomic_write_text
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, rows: list[dict[str, Any]] | None = None) -> None:
+        self.run_dir = run_dir
+        self.rows: list[dict[str, Any]] = list(rows or [])
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self.flush()
+
+    def flush(self) -> None:
+        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+        atomic_write_text(self.run_dir / "metrics.csv", to_csv(self.rows))
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _cell(v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value)
+    return "" if value is None else value
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,44 @@
+"""Run directories: runs/<name>/<YYYYmmdd-HHMMSS>/, never overwritten."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fltool.config import Config, dump_config
+from fltool.engine.atomic import atomic_write_text
+from fltool.errors import FltoolError
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+def create_run_dir(cfg: Config) -> Path:
+    """Make a fresh run directory and write the resolved config into it."""
+    if cfg.output.run_dir:
+        run_dir = Path(cfg.output.run_dir)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise FltoolError(f"output.run_dir: {run_dir} already exists and is not empty; runs are never overwritten")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        base = Path(cfg.output.dir) / cfg.name / time.strftime("%Y%m%d-%H%M%S")
+        run_dir = base
+        for i in range(1, 1000):
+            try:
+                run_dir.mkdir(parents=True, exist_ok=False)
+                break
+            except FileExistsError:
+                run_dir = base.with_name(f"{base.name}-{i}")
+    (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
+    atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
+    return run_dir
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    return run_dir / CHECKPOINT_DIR / LAST
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    return run_dir / CHECKPOINT_DIR / BEST

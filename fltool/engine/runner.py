@@ -1,0 +1,58 @@
+"""Entry point from the CLI to the trainers: fresh runs and resumed runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fltool.config import Config, dump_config, load_config
+from fltool.engine.atomic import atomic_write_text
+from fltool.engine.checkpoint import load_checkpoint
+from fltool.engine.federated import RunSummary, train_federated
+from fltool.engine.rundir import CONFIG_FILE, create_run_dir, last_checkpoint
+from fltool.errors import FltoolError
+from fltool.ui import PlainReporter
+
+
+def summary_dict(summary: RunSummary) -> dict[str, Any]:
+    return {
+        "run_dir": str(summary.run_dir),
+        "rounds": summary.rounds_completed,
+        "final_accuracy": summary.final_accuracy,
+        "final_test_loss": summary.final_loss,
+        "best_accuracy": summary.best_accuracy,
+        "target_reached_round": summary.target_round,
+        "wall_s": round(summary.wall_s, 3),
+    }
+
+
+def run(cfg: Config, run_dir: Path, reporter: PlainReporter, resume: dict[str, Any] | None = None) -> RunSummary:
+    first = resume["round"] + 1 if resume else 1
+    if cfg.mode == "ddp":
+        from fltool.distributed.trainer import train_ddp
+
+        reporter.unit = "epoch"
+        reporter.start(cfg.name, str(run_dir), first, cfg.ddp.epochs)
+        summary = train_ddp(cfg, run_dir, reporter.update, resume)
+    else:
+        reporter.start(cfg.name, str(run_dir), first, cfg.federated.rounds)
+        summary = train_federated(cfg, run_dir, reporter.update, resume)
+    reporter.finish(summary_dict(summary))
+    return summary
+
+
+def start_run(cfg: Config, reporter: PlainReporter) -> RunSummary:
+    return run(cfg, create_run_dir(cfg), reporter)
+
+
+def resume_run(run_dir: Path, overrides: list[str], reporter: PlainReporter) -> RunSummary:
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise FltoolError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+    cfg = load_config(run_dir / CONFIG_FILE, overrides)
+    if overrides:  # the run directory's config must describe what the run actually did
+        atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
+    ckpt_path = last_checkpoint(run_dir)
+    if not ckpt_path.is_file():
+        raise FltoolError(f"{run_dir}: no checkpoint to resume from ({ckpt_path} is missing)")
+    state = load_checkpoint(ckpt_path)
+    return run(cfg, run_dir, reporter, resume=state)

@@ -1,0 +1,91 @@
+"""Progress and summaries for the terminal: rich when stdout is a TTY, plain lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def _fmt(value: Any, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+class PlainReporter:
+    """One line per round; safe for logs, pipes and CI."""
+
+    def __init__(self, unit: str = "round") -> None:
+        self.unit = unit
+        self.total = 0
+
+    def start(self, name: str, run_dir: str, first: int, total: int) -> None:
+        self.total = total
+        print(f"fltool: {name} -> {run_dir} ({self.unit}s {first}..{total})", flush=True)
+
+    def update(self, row: dict[str, Any]) -> None:
+        print(
+            f"{self.unit} {row[self.unit]}/{self.total}  acc {_fmt(row.get('test_accuracy'))}"
+            f"  test_loss {_fmt(row.get('test_loss'))}  train_loss {_fmt(row.get('train_loss'))}"
+            f"  {row.get('wall_s', 0.0):.2f}s",
+            flush=True,
+        )
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        for key, value in summary.items():
+            print(f"{key}: {value}", flush=True)
+
+
+class RichReporter(PlainReporter):
+    def __init__(self, unit: str = "round") -> None:
+        super().__init__(unit)
+        self.console = Console()
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("acc {task.fields[acc]}  loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self.task = None
+
+    def start(self, name: str, run_dir: str, first: int, total: int) -> None:
+        self.total = total
+        self.console.print(f"[bold]fltool[/bold] {name} -> {run_dir}")
+        self.progress.start()
+        self.task = self.progress.add_task(self.unit, total=total, completed=first - 1, acc="-", loss="-")
+
+    def update(self, row: dict[str, Any]) -> None:
+        fields = {"description": f"{self.unit} {row[self.unit]}/{self.total}"}
+        if row.get("test_accuracy") is not None:
+            fields.update(acc=_fmt(row["test_accuracy"]), loss=_fmt(row["test_loss"]))
+        self.progress.update(self.task, completed=row[self.unit], **fields)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self.progress.stop()
+        table = Table(title="summary", show_header=False)
+        for key, value in summary.items():
+            table.add_row(key, str(value))
+        self.console.print(table)
+
+
+def make_reporter(unit: str = "round") -> PlainReporter:
+    return RichReporter(unit) if sys.stdout.isatty() else PlainReporter(unit)
+
+
+def print_eval(report: dict[str, Any]) -> None:
+    console = Console()
+    console.print(
+        f"{report['checkpoint']}: {report['mode']} {report['model']} on {report['dataset']}, "
+        f"round {report['round']}, {report['examples']} test examples"
+    )
+    console.print(f"accuracy {report['accuracy']:.4f}  loss {report['loss']:.4f}")
+    table = Table("class", "accuracy")
+    for c, acc in enumerate(report["per_class_accuracy"]):
+        table.add_row(str(c), f"{acc:.4f}")
+    console.print(table)
