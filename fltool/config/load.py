@@ -122,7 +122,9 @@ def _build(cls: type, raw: Any, prefix: str, source: str, prov: dict[str, str], 
     for key in raw:
         if key not in fields:
             dotted = f"{prefix}{key}"
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            # A mapping value is a misspelt section, a scalar a misspelt setting.
+            candidates = [n for n in fields if dataclasses.is_dataclass(hints[n]) == isinstance(raw[key], dict)]
+            close = difflib.get_close_matches(str(key), candidates or list(fields), n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
             errors.append(f"{prov.get(dotted, source)}: {dotted}: unknown key{hint}")
     kwargs = {}

@@ -79,10 +79,12 @@ def _load_torchvision(cfg: DataConfig) -> Dataset:
     try:
         splits = [cls(str(cache), train=train, download=True) for train in (True, False)]
     except Exception as exc:  # torchvision raises RuntimeError/URLError when offline and missing
-        where = f"{source}/{folder}/raw" if source else "$FLTOOL_DATA (unset)"
+        where = f"{source / folder / 'raw'}" if source else "$FLTOOL_DATA (unset)"
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise FltoolError(
-            f"data.dataset: cannot load {cfg.dataset}: {exc}".splitlines()[0],
-            f"data.root: put the raw archives in {where} or set data.root / FLTOOL_DATA",
+            f"data.dataset: {cfg.dataset} archives not found in {where} and the download failed ({reason[:120]}); "
+            "set data.root or FLTOOL_DATA to a folder holding "
+            f"{folder}/raw/*.gz"
         ) from None
     train, test = (_normalise(s.data, s.targets, mean, std) for s in splits)
     return Dataset(cfg.dataset, train, test, num_classes=10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,14 @@ def run(cfg: Config, run_dir: Path, reporter: PlainReporter, resume: dict[str, A
 
 
 def start_run(cfg: Config, reporter: PlainReporter) -> RunSummary:
-    return run(cfg, create_run_dir(cfg), reporter)
+    run_dir = create_run_dir(cfg)
+    try:
+        return run(cfg, run_dir, reporter)
+    except FltoolError:
+        # Failed before a single round was logged (bad data root, ...): leave no empty run behind.
+        if not (run_dir / "metrics.jsonl").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def resume_run(run_dir: Path, overrides: list[str], reporter: PlainReporter) -> RunSummary:

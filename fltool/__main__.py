@@ -1,0 +1,3 @@
+from fltool.cli import main
+
+main()

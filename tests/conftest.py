@@ -1,0 +1,60 @@
+"""Shared fixtures. Real-data tests take MNIST from $FLTOOL_DATA (default ../shared/data)
+and FAIL, never skip, when it is missing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fltool.config import Config, config_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def shared_data_root() -> Path:
+    return Path(os.environ.get("FLTOOL_DATA") or REPO.parent / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_env(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Point every in-process and subprocess run at the shared data and a private cache."""
+    os.environ["FLTOOL_DATA"] = str(shared_data_root())
+    os.environ.setdefault("FLTOOL_CACHE", str(tmp_path_factory.mktemp("fltool-cache")))
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    root = shared_data_root()
+    needed = root / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    if not needed.is_file():
+        pytest.fail(f"MNIST is missing: expected {needed} (set FLTOOL_DATA); data tests must not skip")
+    return root
+
+
+def tiny_config(tmp_path: Path, **sections: dict | object) -> Config:
+    """A fast synthetic experiment; keyword arguments override sections or top-level keys."""
+    raw: dict = {
+        "name": "tiny",
+        "mode": "fedavg",
+        "seed": 0,
+        "device": "cpu",
+        "data": {"dataset": "synthetic", "partition": "iid", "synthetic": {"train_size": 400, "test_size": 200, "shape": [1, 8, 8]}},
+        "model": {"name": "mlp"},
+        "federated": {"num_clients": 8, "fraction": 0.5, "rounds": 3, "local_epochs": 2, "batch_size": 16, "lr": 0.1},
+        "eval": {"every": 1},
+        "output": {"dir": str(tmp_path / "runs")},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return config_from_dict(raw, "tiny")
+
+
+@pytest.fixture
+def make_config(tmp_path: Path):
+    return lambda **sections: tiny_config(tmp_path, **sections)

@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fltool.engine.checkpoint import load_checkpoint
+from fltool.engine.federated import train_federated
+from fltool.engine.metrics import read_metrics
+from fltool.engine.rundir import best_checkpoint, create_run_dir, last_checkpoint
+from fltool.engine.runner import resume_run
+from fltool.ui import PlainReporter
+
+TIMING = {"wall_s", "elapsed_s"}
+
+
+def strip_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def run(cfg) -> Path:
+    run_dir = create_run_dir(cfg)
+    train_federated(cfg, run_dir)
+    return run_dir
+
+
+def test_same_seed_gives_bitwise_identical_metrics_and_model(make_config):
+    cfg = make_config(data={"partition": "dirichlet"})
+    a, b = run(cfg), run(cfg)
+    assert a != b  # runs are never overwritten
+    assert strip_timing(read_metrics(a)) == strip_timing(read_metrics(b))
+    ma, mb = (load_checkpoint(last_checkpoint(d))["model"] for d in (a, b))
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    other = run(make_config(seed=1, data={"partition": "dirichlet"}))
+    assert strip_timing(read_metrics(other)) != strip_timing(read_metrics(a))
+
+
+def test_run_directory_holds_config_metrics_and_checkpoints(make_config):
+    cfg = make_config()
+    run_dir = run(cfg)
+    assert (run_dir / "config.yaml").is_file()
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert row["clients"] == 4 and len(row["client_ids"]) == 4
+        assert row["bytes_up"] == row["bytes_down"] == 4 * 4 * sum(
+            t.numel() for t in load_checkpoint(last_checkpoint(run_dir))["model"].values()
+        )
+        assert 0 <= row["test_accuracy"] <= 1 and row["train_loss"] > 0 and row["test_loss"] > 0
+    with open(run_dir / "metrics.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [int(r["round"]) for r in csv_rows] == [1, 2, 3]
+    assert float(csv_rows[-1]["test_accuracy"]) == rows[-1]["test_accuracy"]
+    assert not list(run_dir.rglob("*.tmp")), "no temp files left behind"
+
+
+def test_checkpoint_is_plain_data_loadable_with_weights_only(make_config):
+    run_dir = run(make_config())
+    for path in (last_checkpoint(run_dir), best_checkpoint(run_dir)):
+        state = torch.load(path, weights_only=True)
+        assert state["format"] == "fltool.checkpoint" and state["round"] >= 1
+        assert set(state) >= {"model", "config", "round", "metrics", "rng", "best_accuracy"}
+    last = torch.load(last_checkpoint(run_dir), weights_only=True)
+    assert last["round"] == 3 and len(last["metrics"]) == 3
+    best = torch.load(best_checkpoint(run_dir), weights_only=True)
+    assert best["best_accuracy"] == max(r["test_accuracy"] for r in last["metrics"])
+
+
+def test_resume_after_interrupt_equals_uninterrupted_run(make_config):
+    cfg = make_config(federated={"rounds": 5}, data={"partition": "dirichlet"})
+    full = run(cfg)
+
+    def interrupt_after_round_2(row: dict) -> None:
+        if row["round"] == 2:
+            raise KeyboardInterrupt
+
+    broken = create_run_dir(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train_federated(cfg, broken, on_round=interrupt_after_round_2)
+    assert load_checkpoint(last_checkpoint(broken))["round"] == 2  # last good checkpoint loads
+
+    summary = resume_run(broken, [], PlainReporter())
+    assert summary.rounds_completed == 5
+    a, b = (load_checkpoint(last_checkpoint(d))["model"] for d in (full, broken))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert strip_timing(read_metrics(full)) == strip_timing(read_metrics(broken))
+
+
+def test_target_accuracy_stops_and_reports_the_round(make_config):
+    cfg = make_config(federated={"rounds": 30}, eval={"target_accuracy": 0.5})
+    run_dir = create_run_dir(cfg)
+    summary = train_federated(cfg, run_dir)
+    rows = read_metrics(run_dir)
+    assert summary.target_round == rows[-1]["round"] < 30
+    assert rows[-1]["test_accuracy"] >= 0.5
+    assert all(r["test_accuracy"] < 0.5 for r in rows[:-1])
+    assert load_checkpoint(last_checkpoint(run_dir))["round"] == summary.target_round
+
+
+def test_eval_every_skips_evaluation_between(make_config):
+    run_dir = run(make_config(federated={"rounds": 5}, eval={"every": 2}))
+    evaluated = [r["round"] for r in read_metrics(run_dir) if r["test_accuracy"] is not None]
+    assert evaluated == [2, 4, 5]  # the last round is always evaluated
+    json.dumps(read_metrics(run_dir))

@@ -1,0 +1,80 @@
+"""Bad input: one line per problem naming file, key and allowed values; exit 2; no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fltool.cli import app
+
+GOOD = Path(__file__).resolve().parents[1] / "configs" / "fedavg_mnist.yaml"
+
+# (yaml text or None for GOOD, overrides, expected fragments)
+CASES = {
+    "unknown key with suggestion": ("federated:\n  rouns: 3\n", [], ["federated.rouns: unknown key; did you mean 'federated.rounds'?"]),
+    "unknown top-level key": ("modle: {name: mlp}\n", [], ["modle: unknown key; did you mean 'model'?"]),
+    "bad mode lists allowed": ("mode: fedsdg\n", [], ["mode: must be one of fedavg, fedsgd, fedprox, ddp"]),
+    "bad dataset": ("data: {dataset: cifar100}\n", [], ["data.dataset: must be one of mnist, fashion_mnist, synthetic"]),
+    "bad partition": ("data: {partition: random}\n", [], ["data.partition: must be one of iid, shards, dirichlet"]),
+    "fraction above one": ("federated: {fraction: 1.5}\n", [], ["federated.fraction: must be in (0, 1], got 1.5"]),
+    "fraction zero": ("federated: {fraction: 0}\n", [], ["federated.fraction: must be in (0, 1]"]),
+    "no clients": ("federated: {num_clients: 0}\n", [], ["federated.num_clients: must be >= 1, got 0"]),
+    "negative lr": ("federated: {lr: -0.1}\n", [], ["federated.lr: must be > 0, got -0.1"]),
+    "negative mu": ("mode: fedprox\nfederated: {mu: -1}\n", [], ["federated.mu: must be >= 0, got -1.0"]),
+    "rounds not a number": ("federated: {rounds: five}\n", [], ["federated.rounds: expected an integer, got 'five'"]),
+    "bool is not an int": ("federated: {rounds: true}\n", [], ["federated.rounds: expected an integer"]),
+    "batch size zero": ("federated: {batch_size: 0}\n", [], ["federated.batch_size: must be >= 1, got 0"]),
+    "target accuracy as percent": ("eval: {target_accuracy: 97}\n", [], ["eval.target_accuracy: must be in (0, 1]"]),
+    "top level not a mapping": ("- fedavg\n- mnist\n", [], ["top level must be a mapping"]),
+    "invalid yaml": ("federated: {rounds: 3\n", [], ["invalid YAML (line"]),
+    "bad override value": (None, ["federated.fraction=abc"], ["command line: federated.fraction: expected a number, got 'abc'"]),
+    "override without equals": (None, ["federated.rounds"], ["override 'federated.rounds' must look like key=value"]),
+    "override unknown key": (None, ["federated.epochs=3"], ["command line: federated.epochs: unknown key"]),
+    "shards exceed data": ("data: {partition: shards, shards_per_client: 1000}\n", [], ["data.shards_per_client:"]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_config_exits_2_with_one_line_per_problem(name: str, tmp_path: Path):
+    text, overrides, fragments = CASES[name]
+    path = GOOD
+    if text is not None:
+        path = tmp_path / "bad.yaml"
+        path.write_text(text)
+    result = CliRunner().invoke(app, ["train", str(path), *overrides, "--print-config"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line]
+    assert lines and all(line.startswith("error: ") for line in lines)
+    for fragment in fragments:
+        assert any(fragment in line for line in lines), (fragment, lines)
+    if text is not None and "override" not in name:
+        assert any(str(path) in line for line in lines)
+
+
+def test_missing_config_file(tmp_path: Path):
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: no such file"
+
+
+def test_config_is_a_directory(tmp_path: Path):
+    result = CliRunner().invoke(app, ["train", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "is a directory" in result.stderr
+
+
+def test_debug_env_shows_the_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("FLTOOL_DEBUG", "1")
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "nope.yaml")])
+    assert result.exit_code != 0
+    assert type(result.exception).__name__ == "FltoolError"
+
+
+def test_print_config_prints_resolved_yaml_and_exits():
+    result = CliRunner().invoke(app, ["train", str(GOOD), "federated.rounds=4", "--print-config"])
+    assert result.exit_code == 0
+    assert "rounds: 4" in result.stdout
+    assert "name: fedavg_mnist" in result.stdout
