@@ -20,7 +20,7 @@ def summary_dict(summary: RunSummary) -> dict[str, Any]:
         "run_dir": str(summary.run_dir),
         "rounds": summary.rounds_completed,
         "final_accuracy": summary.final_accuracy,
-        "final_test_loss": summary.final_loss,
+        "final_test_loss": None if summary.final_loss is None else round(summary.final_loss, 4),
         "best_accuracy": summary.best_accuracy,
         "target_reached_round": summary.target_round,
         "wall_s": round(summary.wall_s, 3),
