@@ -7,6 +7,7 @@ runs `python -m fltool.distributed.worker RUN_DIR`.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 from dataclasses import dataclass
@@ -135,10 +136,16 @@ def launch(cfg: Config, opts: LaunchOptions, resume: Path | None = None) -> Path
         from fltool.engine.atomic import atomic_write_text
 
         atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
+    # The agent logs each dead worker at ERROR level; `failure_summary` reports it once.
+    agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    level = agent_log.level
+    agent_log.setLevel(logging.CRITICAL)
     try:
         run(parse_args(torchrun_args(opts, run_dir, cfg.name)))
     except ChildFailedError as exc:
         raise WorkerFailed(failure_summary(exc, run_dir)) from None
+    finally:
+        agent_log.setLevel(level)
     return run_dir
 
 
@@ -147,5 +154,7 @@ def failure_summary(exc: Exception, run_dir: Path) -> str:
     message = failure.message
     if isinstance(message, dict):  # @record's error file: {"message": "Type: text", ...}
         message = message.get("message", "")
+    if not os.path.isfile(str(failure.error_file)) and failure.exitcode > 0:
+        message = "exited without a Python exception (killed, os._exit or a crash)"
     message = (str(message).strip().splitlines() or ["(no message)"])[-1]
     return f"rank {rank} failed (exit code {failure.exitcode}): {message}; logs in {run_dir / LOG_DIR}"
