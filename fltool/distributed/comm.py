@@ -64,7 +64,13 @@ class TorchComm(Comm):
             torch.cuda.set_device(device)
             kwargs["device_id"] = device  # binds NCCL communicators eagerly to this GPU
         # A short timeout turns a rank that never arrives into an error, not a hang.
-        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.ddp.timeout_s), **kwargs)
+        timeout = timedelta(seconds=cfg.ddp.timeout_s)
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        # The elastic agent keeps one store across restarts; without a per-attempt prefix a
+        # restarted rank can read a dead peer's gloo address from the previous attempt.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"fltool/attempt_{attempt}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
         return cls(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
     def all_reduce_sum(self, tensors: list[Tensor]) -> None:
