@@ -47,6 +47,44 @@ def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
+def make_autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
+
+
+def train_steps(
+    model: nn.Module,
+    ddp: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batches: torch.Tensor,
+    autocast: contextlib.AbstractContextManager,
+) -> torch.Tensor:
+    """Optimizer steps over `batches` [steps, accum, batch] of device indices.
+
+    Returns the sum of micro-batch losses as a device tensor: no host sync in the loop.
+    `model` is what runs forward (maybe compiled); `ddp` is the DDP wrapper, or the
+    plain module in a single process.
+    """
+    accum = batches.shape[1]
+    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
+    for step_batches in batches:
+        for j, idx in enumerate(step_batches):
+            # Accumulating micro-batches skip DDP's all-reduce; the last one syncs.
+            syncing = j == accum - 1 or not isinstance(ddp, DistributedDataParallel)
+            with contextlib.nullcontext() if syncing else ddp.no_sync():
+                with autocast:
+                    logits = model(x[idx])
+                loss = F.cross_entropy(logits.float(), y[idx])
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
 def train_ddp(
     cfg: Config,
     run_dir: Path,
@@ -75,9 +113,7 @@ def train_ddp(
 
     ddp = wrap_model(raw, device)
     model = torch.compile(ddp) if dcfg.compile else ddp
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if dcfg.amp == "bf16" else contextlib.nullcontext()
-    )
+    autocast = make_autocast(dcfg.amp, device)
     x_train, y_train = dataset.train.x, dataset.train.y
     elapsed0 = log.rows[-1]["elapsed_s"] if log.rows else 0.0
     t0 = time.perf_counter()
@@ -91,22 +127,8 @@ def train_ddp(
         batches = rank_batches(
             len(dataset.train), cfg.seed, epoch, dcfg.batch_size, dcfg.grad_accum_steps, comm.rank, comm.world_size
         ).to(device)
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         model.train()
-        for step_batches in batches:
-            for j, idx in enumerate(step_batches):
-                # Accumulating micro-batches skip DDP's all-reduce; the last one syncs.
-                last = j == dcfg.grad_accum_steps - 1
-                sync = contextlib.nullcontext() if last or ddp is raw else ddp.no_sync()
-                with sync:
-                    with autocast:
-                        logits = model(x_train[idx])
-                    loss = F.cross_entropy(logits.float(), y_train[idx])
-                    (loss / dcfg.grad_accum_steps).backward()
-                loss_sum += loss.detach()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        loss_sum = train_steps(model, ddp, optimizer, scheduler, x_train, y_train, batches, autocast)
 
         comm.all_reduce_sum([loss_sum])  # every rank, every epoch
         final = epoch == dcfg.epochs
