@@ -84,7 +84,7 @@ def launch(
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory.")] = None,
 ) -> None:
     """Run CONFIG on N worker processes under torchrun (DDP, or a federated cohort split across ranks)."""
-    from fltool.distributed.launch import LaunchOptions, WorkerFailed, dry_run_command, prepare
+    from fltool.distributed.launch import LaunchInterrupted, LaunchOptions, WorkerFailed, dry_run_command, prepare
     from fltool.distributed.launch import launch as run_launch
 
     overrides = list(overrides or [])
@@ -102,6 +102,13 @@ def launch(
         except WorkerFailed as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
+        except LaunchInterrupted as exc:
+            typer.echo(
+                f"interrupted: the last checkpoint is intact; continue with "
+                f"`fltool launch --nproc {nproc} --resume {exc}`",
+                err=True,
+            )
+            raise typer.Exit(130) from None
     typer.echo(f"run_dir: {run_dir}")
 
 

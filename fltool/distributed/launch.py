@@ -37,6 +37,10 @@ class WorkerFailed(Exception):
     """A worker died; the message is the one-line summary for the user."""
 
 
+class LaunchInterrupted(Exception):
+    """Ctrl-C or SIGTERM reached the launcher; the workers were stopped. Holds the run dir."""
+
+
 def check_options(opts: LaunchOptions) -> None:
     problems = []
     if opts.nproc < 1:
@@ -127,6 +131,7 @@ def dry_run_command(cfg: Config, opts: LaunchOptions, resume: Path | None) -> st
 
 def launch(cfg: Config, opts: LaunchOptions, resume: Path | None = None) -> Path:
     """Create (or reuse) the run directory and run the workers; raise WorkerFailed on failure."""
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -144,6 +149,9 @@ def launch(cfg: Config, opts: LaunchOptions, resume: Path | None = None) -> Path
         run(parse_args(torchrun_args(opts, run_dir, cfg.name)))
     except ChildFailedError as exc:
         raise WorkerFailed(failure_summary(exc, run_dir)) from None
+    except (SignalException, KeyboardInterrupt):
+        # The agent has already stopped the workers; checkpoints are written atomically.
+        raise LaunchInterrupted(str(run_dir)) from None
     finally:
         agent_log.setLevel(level)
     return run_dir

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -12,10 +14,13 @@ from ddp_helpers import REPO, assert_same_model, cli_env, ddp_config, fltool_cmd
 
 from fltool.config import config_from_dict, load_config
 from fltool.distributed.launch import check_devices
+from fltool.engine.checkpoint import load_checkpoint
 from fltool.engine.metrics import read_metrics
 from fltool.engine.runner import start_run
 from fltool.errors import FltoolError
 from fltool.ui import PlainReporter
+
+pytestmark = pytest.mark.timeout(180)  # on top of the 30 s process-group timeouts
 
 
 def _single_process(run_dir: Path, raw: dict) -> Path:
@@ -177,3 +182,23 @@ def test_nccl_launch_with_too_many_processes_fails_before_starting(tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and "nccl" in done.stderr and len(done.stderr.splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_ctrl_c_stops_cleanly_and_launch_resume_continues(tmp_path):
+    cfg = write_config(tmp_path / "long.yaml", ddp_config(epochs=400))
+    run_dir = tmp_path / "long"
+    cmd = fltool_cmd("launch", "--nproc", "2", str(cfg), f"output.run_dir={run_dir}")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"--resume {run_dir}" in err.splitlines()[-1]
+    stopped_at = load_checkpoint(run_dir / "checkpoints" / "last.pt")["round"]
+    assert 1 <= stopped_at < 400
+
+    done = run_cli("launch", "--nproc", "2", "--resume", str(run_dir), f"ddp.epochs={stopped_at + 2}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert [r["epoch"] for r in read_metrics(run_dir)] == list(range(1, stopped_at + 3))
