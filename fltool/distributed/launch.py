@@ -68,16 +68,21 @@ def check_not_nested() -> None:
 
 
 def check_devices(cfg: Config, nproc: int, gpu_count: int | None = None) -> None:
-    """NCCL needs one GPU per process on this node; fail before anything starts."""
-    if resolve_backend(cfg) != "nccl":
-        return
+    """One GPU per process on this node for nccl (or gloo on cuda); fail before anything starts."""
+    backend = resolve_backend(cfg)
+    if backend == "nccl" and cfg.device == "cpu":
+        raise FltoolError("ddp.backend: nccl cannot run with device: cpu; use ddp.backend: gloo or auto")
     gpus = torch.cuda.device_count() if gpu_count is None else gpu_count
+    uses_gpus = backend == "nccl" or cfg.device == "cuda"
+    if not uses_gpus:
+        return
     if gpus == 0:
-        raise FltoolError("ddp.backend: nccl needs CUDA but no GPU is visible; use ddp.backend: gloo or auto")
+        what = "ddp.backend: nccl" if backend == "nccl" else "device: cuda"
+        raise FltoolError(f"{what} needs CUDA but no GPU is visible; use ddp.backend: gloo and device: cpu or auto")
     if nproc > gpus:
         raise FltoolError(
-            f"launch: --nproc {nproc} exceeds the {gpus} visible GPU(s) for the nccl backend; "
-            f"use --nproc <= {gpus} or ddp.backend: gloo"
+            f"launch: --nproc {nproc} exceeds the {gpus} visible GPU(s) (one per process with {backend} "
+            f"on cuda); use --nproc <= {gpus}, or ddp.backend: gloo with device: cpu"
         )
 
 

@@ -166,20 +166,26 @@ def test_launch_inside_torchrun_is_refused(tmp_path):
     assert "already running under torchrun (TORCHELASTIC_RUN_ID set)" in done.stderr
 
 
-def test_nccl_needs_a_gpu_per_process():
-    cfg = config_from_dict({**ddp_config(), "ddp": {"backend": "nccl"}})
-    with pytest.raises(FltoolError, match=r"--nproc 4 exceeds the 2 visible GPU\(s\)"):
-        check_devices(cfg, 4, gpu_count=2)
-    with pytest.raises(FltoolError, match="nccl needs CUDA but no GPU is visible"):
-        check_devices(cfg, 1, gpu_count=0)
-    check_devices(cfg, 2, gpu_count=2)  # one per GPU is fine
-    check_devices(config_from_dict(ddp_config()), 8, gpu_count=0)  # gloo needs none
+def test_gpu_backends_need_a_gpu_per_process():
+    nccl = config_from_dict({**ddp_config(), "device": "auto", "ddp": {"backend": "nccl"}})
+    with pytest.raises(FltoolError, match=r"--nproc 4 exceeds the 2 visible GPU\(s\) \(one per process with nccl"):
+        check_devices(nccl, 4, gpu_count=2)
+    with pytest.raises(FltoolError, match="ddp.backend: nccl needs CUDA but no GPU is visible"):
+        check_devices(nccl, 1, gpu_count=0)
+    check_devices(nccl, 2, gpu_count=2)  # one per GPU is fine
+    gloo_cuda = config_from_dict({**ddp_config(), "device": "cuda"})
+    with pytest.raises(FltoolError, match=r"--nproc 3 exceeds the 2 visible GPU\(s\) \(one per process with gloo"):
+        check_devices(gloo_cuda, 3, gpu_count=2)
+    with pytest.raises(FltoolError, match="nccl cannot run with device: cpu"):
+        check_devices(config_from_dict({**ddp_config(backend="nccl")}), 1, gpu_count=8)
+    check_devices(config_from_dict(ddp_config()), 8, gpu_count=0)  # gloo on cpu needs none
 
 
 def test_nccl_launch_with_too_many_processes_fails_before_starting(tmp_path):
-    cfg = write_config(tmp_path / "c.yaml", {**ddp_config(backend="nccl"), "output": {"dir": str(tmp_path / "runs")}})
-    done = run_cli("launch", "--nproc", "512", str(cfg), cwd=tmp_path)
+    raw = {**ddp_config(backend="nccl"), "device": "auto", "output": {"dir": str(tmp_path / "runs")}}
+    done = run_cli("launch", "--nproc", "512", str(write_config(tmp_path / "c.yaml", raw)), cwd=tmp_path)
     assert done.returncode == 2
+    # No GPU here: "needs CUDA"; on a GPU machine: "--nproc 512 exceeds"; never a started worker.
     assert done.stderr.startswith("error: ") and "nccl" in done.stderr and len(done.stderr.splitlines()) == 1
     assert not (tmp_path / "runs").exists()
 
