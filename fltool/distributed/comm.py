@@ -85,6 +85,12 @@ class TorchComm(Comm):
             t.copy_(flat[offset : offset + n].view_as(t))
             offset += n
 
+    def min_max(self, value: int) -> tuple[int, int]:
+        """The smallest and largest `value` over all ranks (one collective)."""
+        t = torch.tensor([value, -value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return -int(t[1]), int(t[0])
+
     def broadcast(self, tensor: Tensor, src: int = 0) -> None:
         dist.broadcast(tensor, src=src)
 

@@ -21,6 +21,7 @@ from fltool.engine.checkpoint import load_checkpoint
 from fltool.engine.federated import RunSummary, train_federated
 from fltool.engine.rundir import CONFIG_FILE, last_checkpoint
 from fltool.engine.runner import summary_dict
+from fltool.errors import FltoolError
 from fltool.ui import PlainReporter
 
 
@@ -31,6 +32,13 @@ def run_worker(run_dir: Path) -> RunSummary:
     comm = TorchComm.from_env(cfg)
     clean = False
     try:
+        # Every rank must resume from the same point, or their collectives would not match.
+        lowest, highest = comm.min_max(resume["round"] if resume else 0)
+        if lowest != highest:
+            raise FltoolError(
+                f"{run_dir}: ranks found checkpoints of different rounds/epochs ({lowest} to {highest}); "
+                "on several nodes, output.run_dir must be one directory on a shared filesystem"
+            )
         unit = "epoch" if cfg.mode == "ddp" else "round"
         total = cfg.ddp.epochs if cfg.mode == "ddp" else cfg.federated.rounds
         reporter = PlainReporter(unit)  # workers' stdout goes to log files: no rich
