@@ -43,7 +43,9 @@ def reference(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
-    return _launch(tmp_path_factory.mktemp("launch"), "run", ddp_config(batch_size=16), "--nproc", "2")
+    # 2 ranks x 8 x 2 accumulated micro-batches (DDP's no_sync path): a global batch of 32.
+    raw = ddp_config(batch_size=8, grad_accum_steps=2)
+    return _launch(tmp_path_factory.mktemp("launch"), "run", raw, "--nproc", "2")
 
 
 def test_two_ranks_equal_one_process_with_the_same_global_batch(reference, launched):
@@ -58,7 +60,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(reference, launc
 def test_launch_writes_run_dir_logs_and_an_evaluable_plain_checkpoint(launched, tmp_path):
     done, run_dir = launched
     assert done.returncode == 0, done.stderr
-    assert load_config(run_dir / "config.yaml").ddp.batch_size == 16  # the resolved config every rank read
+    assert load_config(run_dir / "config.yaml").ddp.batch_size == 8  # the resolved config every rank read
     logs = sorted(p.parts[-2:] for p in (run_dir / "torchrun").rglob("stdout.log"))
     assert logs == [("0", "stdout.log"), ("1", "stdout.log")]
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
