@@ -85,6 +85,7 @@ def launch(
 ) -> None:
     """Run CONFIG on N worker processes under torchrun (DDP, or a federated cohort split across ranks)."""
     from fltool.distributed.launch import LaunchInterrupted, LaunchOptions, WorkerFailed, dry_run_command, prepare
+    from fltool.distributed.launch import prepare_data
     from fltool.distributed.launch import launch as run_launch
 
     overrides = list(overrides or [])
@@ -97,6 +98,7 @@ def launch(
         if dry_run:
             typer.echo(dry_run_command(cfg, opts, resume))
             return
+        prepare_data(cfg)
         try:
             run_dir = run_launch(cfg, opts, resume)
         except WorkerFailed as exc:

@@ -129,6 +129,15 @@ def prepare(
     return cfg, resume
 
 
+def prepare_data(cfg: Config) -> None:
+    """Fill the data cache once, before any worker starts: missing data is then a one-line
+    error from `launch` (exit 2), and the workers find the archives already extracted."""
+    if cfg.data.dataset != "synthetic":
+        from fltool.data import load_dataset
+
+        load_dataset(cfg.data, cfg.seed)
+
+
 def dry_run_command(cfg: Config, opts: LaunchOptions, resume: Path | None) -> str:
     run_dir = resume or cfg.output.run_dir or f"{cfg.output.dir}/{cfg.name}/<timestamp>"
     return shlex.join(["torchrun", *torchrun_args(opts, run_dir, cfg.name)])

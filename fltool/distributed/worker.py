@@ -16,6 +16,7 @@ from typing import Any
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from fltool.config import load_config
+from fltool.data import load_dataset
 from fltool.distributed.comm import TorchComm
 from fltool.engine.checkpoint import load_checkpoint
 from fltool.engine.federated import RunSummary, train_federated
@@ -39,6 +40,12 @@ def run_worker(run_dir: Path) -> RunSummary:
                 f"{run_dir}: ranks found checkpoints of different rounds/epochs ({lowest} to {highest}); "
                 "on several nodes, output.run_dir must be one directory on a shared filesystem"
             )
+        if cfg.data.dataset != "synthetic":
+            # Ranks of one node share the data cache: let one of them copy and extract
+            # the archives while the others wait, instead of racing on the same files.
+            if comm.local_rank == 0:
+                load_dataset(cfg.data, cfg.seed)
+            comm.barrier()
         unit = "epoch" if cfg.mode == "ddp" else "round"
         total = cfg.ddp.epochs if cfg.mode == "ddp" else cfg.federated.rounds
         reporter = PlainReporter(unit)  # workers' stdout goes to log files: no rich

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -219,3 +220,20 @@ def test_ctrl_c_stops_cleanly_and_launch_resume_continues(tmp_path):
     done = run_cli("launch", "--nproc", "2", "--resume", str(run_dir), f"ddp.epochs={stopped_at + 2}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert [r["epoch"] for r in read_metrics(run_dir)] == list(range(1, stopped_at + 3))
+
+
+def test_real_mnist_launch_with_a_fresh_cache(tmp_path):
+    """Both ranks share one empty cache: launch fills it once, before the workers start."""
+    data = Path(os.environ.get("FLTOOL_DATA") or REPO.parent / "shared" / "data")
+    archive = data / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    assert archive.is_file(), f"MNIST is missing: expected {archive} (set FLTOOL_DATA); data tests must not skip"
+    run_dir = tmp_path / "mnist"
+    done = run_cli(
+        "launch", "--nproc", "2", str(REPO / "configs" / "ddp_mnist.yaml"), "model.name=mlp", "ddp.epochs=1",
+        "device=cpu", "ddp.backend=gloo", f"output.run_dir={run_dir}", cwd=tmp_path,
+        FLTOOL_DATA=str(data), FLTOOL_CACHE=str(tmp_path / "cache"),
+    )
+    assert done.returncode == 0, done.stderr
+    (row,) = read_metrics(run_dir)
+    assert row["steps"] == 469  # ceil(60000 / (64 x 2))
+    assert row["test_accuracy"] > 0.9
