@@ -1,5 +1,3 @@
-"""`python -m fltool ...` is the `fltool` command."""
-
 from fltool.cli import main
 
 main()

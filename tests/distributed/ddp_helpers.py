@@ -1,6 +1,6 @@
 """Helpers for the distributed tests: tiny synthetic configs and a subprocess CLI runner.
 
-Imported by name (`from ddp_helpers import ...`): pytest puts this folder on sys.path.
+Imported as `from ddp_helpers import ...`; conftest.py registers the module.
 
 Every launch uses gloo on CPU, a 30 s process-group timeout (a stuck collective fails
 instead of hanging) and a subprocess timeout on top of that.
