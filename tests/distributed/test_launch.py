@@ -237,3 +237,4 @@ def test_real_mnist_launch_with_a_fresh_cache(tmp_path):
     (row,) = read_metrics(run_dir)
     assert row["steps"] == 469  # ceil(60000 / (64 x 2))
     assert row["test_accuracy"] > 0.9
+
