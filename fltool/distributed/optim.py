@@ -39,8 +39,11 @@ class WarmupCosine:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def schedule_rule(cfg: DDPConfig, total_steps: int) -> WarmupCosine:
+    return WarmupCosine(cfg.warmup_steps, total_steps, cfg.schedule == "cosine")
+
+
 def make_scheduler(
     optimizer: torch.optim.Optimizer, cfg: DDPConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    rule = WarmupCosine(cfg.warmup_steps, total_steps, cfg.schedule == "cosine")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, rule)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_rule(cfg, total_steps))

@@ -219,7 +219,9 @@ def test_ctrl_c_stops_cleanly_and_launch_resume_continues(tmp_path):
 
     done = run_cli("launch", "--nproc", "2", "--resume", str(run_dir), f"ddp.epochs={stopped_at + 2}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert [r["epoch"] for r in read_metrics(run_dir)] == list(range(1, stopped_at + 3))
+    rows = read_metrics(run_dir)
+    assert [r["epoch"] for r in rows] == list(range(1, stopped_at + 3))
+    assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine follows the new ddp.epochs
 
 
 def test_real_mnist_launch_with_a_fresh_cache(tmp_path):
