@@ -69,6 +69,51 @@ def train(
     del summary
 
 
+@app.command()
+def launch(
+    config: Annotated[Optional[str], typer.Argument(help="Experiment YAML file.", show_default=False)] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides: key=value ...")] = None,
+    nproc: Annotated[int, typer.Option("--nproc", help="Worker processes on this node (one per GPU with nccl).")] = 1,
+    nnodes: Annotated[int, typer.Option("--nnodes", help="Number of nodes.")] = 1,
+    node_rank: Annotated[int, typer.Option("--node-rank", help="This node's rank (multi-node).")] = 0,
+    rdzv_endpoint: Annotated[
+        Optional[str], typer.Option("--rdzv-endpoint", help="HOST:PORT of the rendezvous (multi-node).")
+    ] = None,
+    max_restarts: Annotated[int, typer.Option("--max-restarts", help="Restart the worker group this often.")] = 0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the equivalent torchrun command and exit.")] = False,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory.")] = None,
+) -> None:
+    """Run CONFIG on N worker processes under torchrun (DDP, or a federated cohort split across ranks)."""
+    from fltool.distributed.launch import LaunchInterrupted, LaunchOptions, WorkerFailed, dry_run_command, prepare
+    from fltool.distributed.launch import prepare_data
+    from fltool.distributed.launch import launch as run_launch
+
+    overrides = list(overrides or [])
+    if resume is not None and config is not None:  # with --resume every positional is an override
+        overrides.insert(0, config)
+        config = None
+    opts = LaunchOptions(nproc, nnodes, node_rank, rdzv_endpoint, max_restarts)
+    with user_errors():
+        cfg, resume = prepare(config, overrides, opts, resume)
+        if dry_run:
+            typer.echo(dry_run_command(cfg, opts, resume))
+            return
+        prepare_data(cfg)
+        try:
+            run_dir = run_launch(cfg, opts, resume)
+        except WorkerFailed as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        except LaunchInterrupted as exc:
+            typer.echo(
+                f"interrupted: the last checkpoint is intact; continue with "
+                f"`fltool launch --nproc {nproc} --resume {exc}`",
+                err=True,
+            )
+            raise typer.Exit(130) from None
+    typer.echo(f"run_dir: {run_dir}")
+
+
 @app.command("eval")
 def eval_(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by fltool.")],

@@ -1,0 +1,1 @@
+"""Data-parallel training under torchrun: `fltool launch`, the DDP trainer, TorchComm."""

@@ -1,0 +1,30 @@
+"""A testing hook that kills or breaks one worker, to exercise torchrun's restarts.
+
+Not for production use. Set in the environment of `fltool launch`:
+  FLTOOL_FAULT_AT_EPOCH=N   at the start of DDP epoch N ...
+  FLTOOL_FAULT_RANK=R       ... global rank R (default 1) ...
+  FLTOOL_FAULT_KIND=exit    ... dies with os._exit(1) (default), or `raise` raises RuntimeError.
+It fires once per run directory: a marker file `<run>/.fault_injected` records that it
+happened, so the restarted worker group trains on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+MARKER = ".fault_injected"
+
+
+def maybe_inject_fault(run_dir: Path, epoch: int, rank: int) -> None:
+    at = os.environ.get("FLTOOL_FAULT_AT_EPOCH")
+    if not at or int(at) != epoch or rank != int(os.environ.get("FLTOOL_FAULT_RANK", "1")):
+        return
+    marker = run_dir / MARKER
+    if marker.exists():
+        return
+    kind = os.environ.get("FLTOOL_FAULT_KIND", "exit")
+    marker.write_text(f"{kind} at epoch {epoch} on rank {rank}\n")
+    if kind == "raise":
+        raise RuntimeError(f"injected fault at epoch {epoch} on rank {rank} (FLTOOL_FAULT_AT_EPOCH)")
+    os._exit(1)  # no cleanup, no exception: like a killed process

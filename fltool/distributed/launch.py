@@ -1,0 +1,182 @@
+"""`fltool launch`: validate, create the run directory once, then start torchrun in-process.
+
+The workers are started by PyTorch's own launcher (`torch.distributed.run`, i.e. the
+elastic agent), called as a library the way Accelerate and Lightning do; each worker
+runs `python -m fltool.distributed.worker RUN_DIR`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fltool.config import Config, load_config
+from fltool.distributed.comm import TORCHRUN_ENV, resolve_backend, under_torchrun
+from fltool.engine.rundir import CONFIG_FILE, create_run_dir
+from fltool.errors import FltoolError
+
+WORKER_MODULE = "fltool.distributed.worker"
+LOG_DIR = "torchrun"
+
+
+@dataclass
+class LaunchOptions:
+    nproc: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+    max_restarts: int = 0
+
+
+class WorkerFailed(Exception):
+    """A worker died; the message is the one-line summary for the user."""
+
+
+class LaunchInterrupted(Exception):
+    """Ctrl-C or SIGTERM reached the launcher; the workers were stopped. Holds the run dir."""
+
+
+def check_options(opts: LaunchOptions) -> None:
+    problems = []
+    if opts.nproc < 1:
+        problems.append(f"launch: --nproc must be >= 1, got {opts.nproc}")
+    if opts.nnodes < 1:
+        problems.append(f"launch: --nnodes must be >= 1, got {opts.nnodes}")
+    if not 0 <= opts.node_rank < max(opts.nnodes, 1):
+        problems.append(f"launch: --node-rank must be in [0, {opts.nnodes - 1}], got {opts.node_rank}")
+    if opts.max_restarts < 0:
+        problems.append(f"launch: --max-restarts must be >= 0, got {opts.max_restarts}")
+    if opts.nnodes > 1 and not opts.rdzv_endpoint:
+        problems.append("launch: --nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+    if problems:
+        raise FltoolError(*problems)
+
+
+def check_not_nested() -> None:
+    """Inside a torchrun worker, a second launch would spawn workers of workers."""
+    if under_torchrun():
+        found = ", ".join(n for n in TORCHRUN_ENV if n in os.environ)
+        raise FltoolError(
+            f"launch: already running under torchrun ({found} set); "
+            "call `python -m fltool.distributed.worker RUN_DIR` from torchrun instead of `fltool launch`"
+        )
+
+
+def check_devices(cfg: Config, nproc: int, gpu_count: int | None = None) -> None:
+    """One GPU per process on this node for nccl (or gloo on cuda); fail before anything starts."""
+    backend = resolve_backend(cfg)
+    if backend == "nccl" and cfg.device == "cpu":
+        raise FltoolError("ddp.backend: nccl cannot run with device: cpu; use ddp.backend: gloo or auto")
+    gpus = torch.cuda.device_count() if gpu_count is None else gpu_count
+    uses_gpus = backend == "nccl" or cfg.device == "cuda"
+    if not uses_gpus:
+        return
+    if gpus == 0:
+        what = "ddp.backend: nccl" if backend == "nccl" else "device: cuda"
+        raise FltoolError(f"{what} needs CUDA but no GPU is visible; use ddp.backend: gloo and device: cpu or auto")
+    if nproc > gpus:
+        raise FltoolError(
+            f"launch: --nproc {nproc} exceeds the {gpus} visible GPU(s) (one per process with {backend} "
+            f"on cuda); use --nproc <= {gpus}, or ddp.backend: gloo with device: cpu"
+        )
+
+
+def torchrun_args(opts: LaunchOptions, run_dir: Path | str, rdzv_id: str) -> list[str]:
+    """The torchrun command line (without the program name) for this launch."""
+    args = [f"--nproc-per-node={opts.nproc}"]
+    if opts.nnodes == 1 and not opts.rdzv_endpoint:
+        args.append("--standalone")  # c10d rendezvous on a free port: launches never collide
+    else:
+        args += [
+            f"--nnodes={opts.nnodes}",
+            f"--node-rank={opts.node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={opts.rdzv_endpoint}",
+            f"--rdzv-id={rdzv_id}",
+        ]
+    args += [
+        f"--max-restarts={opts.max_restarts}",
+        f"--log-dir={Path(run_dir) / LOG_DIR}",
+        "--redirects=3",  # both streams of every rank to <run>/torchrun/.../<rank>/
+        "--tee=1",  # ... and stdout to the console too (rank 0 prints progress)
+        "--module",
+        WORKER_MODULE,
+        str(run_dir),
+    ]
+    return args
+
+
+def prepare(
+    config: str | None, overrides: list[str], opts: LaunchOptions, resume: Path | None
+) -> tuple[Config, Path | None]:
+    """Everything that can fail on bad input, before any directory or process exists."""
+    check_not_nested()
+    check_options(opts)
+    if resume is not None:
+        if not (resume / CONFIG_FILE).is_file():
+            raise FltoolError(f"{resume}: not a run directory (no {CONFIG_FILE})")
+        cfg = load_config(resume / CONFIG_FILE, overrides)
+    else:
+        if config is None:
+            raise FltoolError("launch: missing CONFIG; usage: fltool launch --nproc N CONFIG.yaml [key=value ...]")
+        cfg = load_config(config, overrides)
+    check_devices(cfg, opts.nproc)
+    return cfg, resume
+
+
+def prepare_data(cfg: Config) -> None:
+    """Fill the data cache once, before any worker starts: missing data is then a one-line
+    error from `launch` (exit 2), and the workers find the archives already extracted."""
+    if cfg.data.dataset != "synthetic":
+        from fltool.data import load_dataset
+
+        load_dataset(cfg.data, cfg.seed)
+
+
+def dry_run_command(cfg: Config, opts: LaunchOptions, resume: Path | None) -> str:
+    run_dir = resume or cfg.output.run_dir or f"{cfg.output.dir}/{cfg.name}/<timestamp>"
+    return shlex.join(["torchrun", *torchrun_args(opts, run_dir, cfg.name)])
+
+
+def launch(cfg: Config, opts: LaunchOptions, resume: Path | None = None) -> Path:
+    """Create (or reuse) the run directory and run the workers; raise WorkerFailed on failure."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    run_dir = resume if resume is not None else create_run_dir(cfg)
+    if resume is not None:  # the workers read the run directory's config: keep it current
+        from fltool.config import dump_config
+        from fltool.engine.atomic import atomic_write_text
+
+        atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
+    # The agent logs each dead worker at ERROR level; `failure_summary` reports it once.
+    agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    level = agent_log.level
+    agent_log.setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(torchrun_args(opts, run_dir, cfg.name)))
+    except ChildFailedError as exc:
+        raise WorkerFailed(failure_summary(exc, run_dir)) from None
+    except (SignalException, KeyboardInterrupt):
+        # The agent has already stopped the workers; checkpoints are written atomically.
+        raise LaunchInterrupted(str(run_dir)) from None
+    finally:
+        agent_log.setLevel(level)
+    return run_dir
+
+
+def failure_summary(exc: Exception, run_dir: Path) -> str:
+    rank, failure = exc.get_first_failure()  # type: ignore[attr-defined]
+    message = failure.message
+    if isinstance(message, dict):  # @record's error file: {"message": "Type: text", ...}
+        message = message.get("message", "")
+    if not os.path.isfile(str(failure.error_file)) and failure.exitcode > 0:
+        message = "exited without a Python exception (killed, os._exit or a crash)"
+    message = (str(message).strip().splitlines() or ["(no message)"])[-1]
+    return f"rank {rank} failed (exit code {failure.exitcode}): {message}; logs in {run_dir / LOG_DIR}"

@@ -1,0 +1,214 @@
+"""`mode: ddp`: data-parallel minibatch training with DistributedDataParallel.
+
+Each rank trains on its shard of every global batch (see `sharding`); DDP averages the
+gradients with all-reduce during backward, so every rank applies the same update.
+Rank 0 evaluates, logs and checkpoints; the other ranks wait at a barrier so that a
+checkpoint is on disk before anyone starts the next epoch (a restarted group resumes
+from it). In a single process (`fltool train`) there is no process group and no DDP
+wrapper; the arithmetic is the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fltool.algorithms import derive_seed
+from fltool.config import Config
+from fltool.data import load_dataset
+from fltool.distributed.comm import broadcast_from_main
+from fltool.distributed.faults import maybe_inject_fault
+from fltool.distributed.optim import make_optimizer, make_scheduler, schedule_rule
+from fltool.distributed.sharding import rank_batches, steps_per_epoch
+from fltool.engine.checkpoint import make_checkpoint, save_checkpoint
+from fltool.engine.evaluate import evaluate
+from fltool.engine.federated import Comm, RunSummary
+from fltool.engine.metrics import MetricsLog
+from fltool.engine.rundir import best_checkpoint, last_checkpoint
+from fltool.engine.setup import resolve_device, seeded_model
+
+RowCallback = Callable[[dict[str, Any]], None]
+
+
+def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP when a process group exists (even of size 1, so `launch --nproc 1` is real DDP)."""
+    if not dist.is_initialized():
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def make_autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
+
+
+def train_steps(
+    model: nn.Module,
+    ddp: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batches: torch.Tensor,
+    autocast: contextlib.AbstractContextManager,
+) -> torch.Tensor:
+    """Optimizer steps over `batches` [steps, accum, batch] of device indices.
+
+    Returns the sum of micro-batch losses as a device tensor: no host sync in the loop.
+    `model` is what runs forward (maybe compiled); `ddp` is the DDP wrapper, or the
+    plain module in a single process.
+    """
+    accum = batches.shape[1]
+    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
+    for step_batches in batches:
+        for j, idx in enumerate(step_batches):
+            # Accumulating micro-batches skip DDP's all-reduce; the last one syncs.
+            syncing = j == accum - 1 or not isinstance(ddp, DistributedDataParallel)
+            with contextlib.nullcontext() if syncing else ddp.no_sync():
+                with autocast:
+                    logits = model(x[idx])
+                loss = F.cross_entropy(logits.float(), y[idx])
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+def train_ddp(
+    cfg: Config,
+    run_dir: Path,
+    on_row: RowCallback | None = None,
+    resume: dict[str, Any] | None = None,
+    comm: Comm | None = None,
+) -> RunSummary:
+    comm = comm or Comm()
+    dcfg = cfg.ddp
+    device = comm.device or resolve_device(cfg.device)
+    dataset = load_dataset(cfg.data, cfg.seed).to(device)
+    raw = seeded_model(cfg, dataset, device)  # same initial weights on every rank
+    optimizer = make_optimizer(raw, dcfg)
+    global_batch = dcfg.batch_size * dcfg.grad_accum_steps * comm.world_size
+    steps = steps_per_epoch(len(dataset.train), global_batch)
+    scheduler = make_scheduler(optimizer, dcfg, dcfg.epochs * steps)
+
+    log = MetricsLog(run_dir)
+    start, best = 1, None
+    if resume is not None:
+        raw.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["extra"]["optimizer"])
+        scheduler.load_state_dict(resume["extra"]["scheduler"])
+        # LambdaLR restores the rule's fields too; the (maybe overridden) config decides them.
+        scheduler.lr_lambdas[0] = schedule_rule(dcfg, dcfg.epochs * steps)
+        start, best = resume["round"] + 1, resume["best_accuracy"]
+        log.rows = list(resume["metrics"])
+
+    ddp = wrap_model(raw, device)
+    model = torch.compile(ddp) if dcfg.compile else ddp
+    autocast = make_autocast(dcfg.amp, device)
+    x_train, y_train = dataset.train.x, dataset.train.y
+    elapsed0 = log.rows[-1]["elapsed_s"] if log.rows else 0.0
+    t0 = time.perf_counter()
+    target_epoch, last_epoch = None, start - 1
+
+    for epoch in range(start, dcfg.epochs + 1):
+        maybe_inject_fault(run_dir, epoch, comm.rank)
+        t_epoch = time.perf_counter()
+        # Per-(epoch, rank) seed: dropout is reproducible and a resumed run matches.
+        torch.manual_seed(derive_seed(cfg.seed, "ddp_dropout", epoch, comm.rank))
+        batches = rank_batches(
+            len(dataset.train), cfg.seed, epoch, dcfg.batch_size, dcfg.grad_accum_steps, comm.rank, comm.world_size
+        ).to(device)
+        model.train()
+        loss_sum = train_steps(model, ddp, optimizer, scheduler, x_train, y_train, batches, autocast)
+
+        comm.all_reduce_sum([loss_sum])  # every rank, every epoch
+        final = epoch == dcfg.epochs
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "steps": steps * epoch,
+            "train_loss": loss_sum.item() / (steps * dcfg.grad_accum_steps * comm.world_size),
+            "test_loss": None,
+            "test_accuracy": None,
+            "lr": scheduler.get_last_lr()[0],
+        }
+        if epoch % cfg.eval.every == 0 or final:
+            # Rank 0 evaluates the plain module (no DDP hooks, so no collective inside);
+            # the result is broadcast so that every rank takes the same early-stop decision.
+            result = torch.zeros(2, device=device, dtype=torch.float64)
+            if comm.is_main:
+                ev = evaluate(raw, dataset.test, cfg.eval.batch_size, dataset.num_classes)
+                result.copy_(torch.tensor([ev.loss, ev.accuracy], dtype=torch.float64))
+            broadcast_from_main(comm, result)
+            row["test_loss"], row["test_accuracy"] = result.tolist()
+        wall = time.perf_counter() - t_epoch
+        row["wall_s"] = wall
+        row["elapsed_s"] = elapsed0 + time.perf_counter() - t0
+        row["images_per_s"] = steps * global_batch / wall
+
+        acc = row["test_accuracy"]
+        reached = cfg.eval.target_accuracy is not None and acc is not None and acc >= cfg.eval.target_accuracy
+        improved = acc is not None and (best is None or acc > best)
+        best = acc if improved else best
+        if comm.is_main:
+            log.append(row)
+            _save(cfg, run_dir, raw, optimizer, scheduler, epoch, log, best, improved, final or reached)
+            if on_row:
+                on_row(row)
+        else:
+            log.rows.append(row)
+        comm.barrier()  # the checkpoint of this epoch exists before any rank goes on
+        last_epoch = epoch
+        if reached:
+            target_epoch = epoch
+            break
+
+    evaluated = [r for r in log.rows if r["test_accuracy"] is not None]
+    return RunSummary(
+        run_dir=run_dir,
+        rounds_completed=last_epoch,
+        final_accuracy=evaluated[-1]["test_accuracy"] if evaluated else None,
+        final_loss=evaluated[-1]["test_loss"] if evaluated else None,
+        best_accuracy=best,
+        target_round=target_epoch,
+        wall_s=time.perf_counter() - t0,
+        metrics=log.rows,
+    )
+
+
+def _save(
+    cfg: Config,
+    run_dir: Path,
+    raw: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+    log: MetricsLog,
+    best: float | None,
+    improved: bool,
+    force: bool,
+) -> None:
+    """Checkpoints hold the unwrapped module's weights, so `fltool eval` can load them."""
+    due = epoch % cfg.output.checkpoint_every == 0 or force
+    if not (due or improved):
+        return
+    extra = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+    }
+    state = make_checkpoint(cfg, raw, epoch, log.rows, best, extra)
+    if due:
+        save_checkpoint(state, last_checkpoint(run_dir))
+    if improved:
+        save_checkpoint(state, best_checkpoint(run_dir))

@@ -1,0 +1,81 @@
+"""The DDP trainer in one process (`fltool train`, no process group)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fltool.config import config_from_dict
+from fltool.engine.checkpoint import load_checkpoint
+from fltool.engine.runner import resume_run, start_run
+from fltool.ui import PlainReporter
+
+from ddp_helpers import REPO, assert_same_model, ddp_config, load_model, run_cli
+
+
+def _cfg(tmp_path: Path, name: str, **ddp):
+    raw = ddp_config(**ddp)
+    raw["output"] = {"run_dir": str(tmp_path / name)}
+    return config_from_dict(raw)
+
+
+class StopAt(PlainReporter):
+    """Acts like Ctrl-C right after epoch `at` was logged and checkpointed."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__("epoch")
+        self.at = at
+
+    def update(self, row):
+        super().update(row)
+        if row["epoch"] == self.at:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
+    opts = dict(epochs=4, optimizer="adamw", weight_decay=0.01, grad_accum_steps=2, warmup_steps=3)
+    full = start_run(_cfg(tmp_path, "full", **opts), PlainReporter("epoch"))
+
+    cut = _cfg(tmp_path, "cut", **opts)
+    with pytest.raises(KeyboardInterrupt):
+        start_run(cut, StopAt(2))
+    saved = load_checkpoint(cut.output.run_dir + "/checkpoints/last.pt")  # loadable after Ctrl-C
+    assert saved["round"] == 2 and set(saved["extra"]) >= {"optimizer", "scheduler", "epoch"}
+
+    resumed = resume_run(Path(cut.output.run_dir), [], PlainReporter("epoch"))
+    assert resumed.rounds_completed == full.rounds_completed == 4
+    assert_same_model(load_model(Path(cut.output.run_dir)), load_model(full.run_dir), atol=1e-6)
+    assert [r["train_loss"] for r in resumed.metrics] == pytest.approx([r["train_loss"] for r in full.metrics])
+
+
+def test_bf16_autocast_and_sgd_train(tmp_path):
+    summary = start_run(_cfg(tmp_path, "bf16", amp="bf16", optimizer="sgd", lr=0.1, epochs=3), PlainReporter("epoch"))
+    losses = [row["train_loss"] for row in summary.metrics]
+    assert losses[-1] < losses[0]
+    assert summary.final_accuracy is not None and summary.final_accuracy > 0.5  # 4 classes: chance is 0.25
+
+
+def test_ddp_mnist_config_trains_and_its_checkpoint_evaluates(tmp_path):
+    run_dir = tmp_path / "mnist_cfg"
+    overrides = [
+        "data.dataset=synthetic",
+        "data.synthetic.train_size=256",
+        "data.synthetic.test_size=64",
+        "data.synthetic.shape=[1,8,8]",
+        "device=cpu",
+        "ddp.epochs=1",
+        "ddp.warmup_steps=2",
+        f"output.run_dir={run_dir}",
+    ]
+    done = run_cli("train", str(REPO / "configs" / "ddp_mnist.yaml"), *overrides, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["epoch"] == 1 and row["steps"] == 4  # 256 examples / batch 64
+
+    ev = run_cli("eval", str(run_dir / "checkpoints" / "last.pt"), "--json", "--device", "cpu", cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr
+    report = json.loads(ev.stdout)
+    assert report["mode"] == "ddp" and report["model"] == "cnn"
+    assert report["accuracy"] == pytest.approx(row["test_accuracy"])

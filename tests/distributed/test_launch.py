@@ -1,0 +1,242 @@
+"""`fltool launch`: torchrun workers on CPU with gloo, checked against single-process runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from ddp_helpers import REPO, assert_same_model, cli_env, ddp_config, fltool_cmd, load_model, run_cli, write_config
+
+from fltool.config import config_from_dict, load_config
+from fltool.distributed.launch import check_devices
+from fltool.engine.checkpoint import load_checkpoint
+from fltool.engine.metrics import read_metrics
+from fltool.engine.runner import start_run
+from fltool.errors import FltoolError
+from fltool.ui import PlainReporter
+
+pytestmark = pytest.mark.timeout(180)  # on top of the 30 s process-group timeouts
+
+
+def _single_process(run_dir: Path, raw: dict) -> Path:
+    raw = {**raw, "output": {"run_dir": str(run_dir)}}
+    return start_run(config_from_dict(raw), PlainReporter("epoch" if raw["mode"] == "ddp" else "round")).run_dir
+
+
+def _launch(tmp: Path, name: str, raw: dict, *flags: str, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
+    cfg = write_config(tmp / f"{name}.yaml", raw)
+    run_dir = tmp / name
+    done = run_cli("launch", *flags, str(cfg), f"output.run_dir={run_dir}", cwd=tmp, **env)
+    return done, run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One process, per-rank batch 32: the same global batch as 2 ranks x 16."""
+    return _single_process(tmp_path_factory.mktemp("ref") / "run", ddp_config(batch_size=32))
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    # 2 ranks x 8 x 2 accumulated micro-batches (DDP's no_sync path): a global batch of 32.
+    raw = ddp_config(batch_size=8, grad_accum_steps=2)
+    return _launch(tmp_path_factory.mktemp("launch"), "run", raw, "--nproc", "2")
+
+
+def test_two_ranks_equal_one_process_with_the_same_global_batch(reference, launched):
+    done, run_dir = launched
+    assert done.returncode == 0, done.stderr
+    assert_same_model(load_model(run_dir), load_model(reference))
+    two, one = read_metrics(run_dir), read_metrics(reference)
+    assert [r["epoch"] for r in two] == [1, 2, 3]
+    assert [r["train_loss"] for r in two] == pytest.approx([r["train_loss"] for r in one], rel=1e-4)
+
+
+def test_launch_writes_run_dir_logs_and_an_evaluable_plain_checkpoint(launched, tmp_path):
+    done, run_dir = launched
+    assert done.returncode == 0, done.stderr
+    assert load_config(run_dir / "config.yaml").ddp.batch_size == 8  # the resolved config every rank read
+    logs = sorted(p.parts[-2:] for p in (run_dir / "torchrun").rglob("stdout.log"))
+    assert logs == [("0", "stdout.log"), ("1", "stdout.log")]
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in state["model"])
+    assert state["round"] == 3 and "state" in state["extra"]["optimizer"]
+
+    ev = run_cli("eval", str(run_dir / "checkpoints" / "last.pt"), "--json", "--device", "cpu", cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["accuracy"] == pytest.approx(read_metrics(run_dir)[-1]["test_accuracy"])
+
+
+def test_killed_worker_is_restarted_and_resumes_from_last_checkpoint(reference, tmp_path):
+    done, run_dir = _launch(
+        tmp_path, "restart", ddp_config(batch_size=16), "--nproc", "2", "--max-restarts", "1", FLTOOL_FAULT_AT_EPOCH="2"
+    )
+    assert done.returncode == 0, done.stderr
+    assert (run_dir / ".fault_injected").read_text().startswith("exit at epoch 2 on rank 1")
+    assert sorted(p.name for p in (run_dir / "torchrun").glob("*/attempt_*")) == ["attempt_0", "attempt_1"]
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [1, 2, 3]
+    assert_same_model(load_model(run_dir), load_model(reference))
+
+
+def test_worker_exception_fails_launch_with_rank_and_message(tmp_path):
+    done, run_dir = _launch(
+        tmp_path, "boom", ddp_config(), "--nproc", "2", FLTOOL_FAULT_AT_EPOCH="2", FLTOOL_FAULT_KIND="raise"
+    )
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr
+    assert "rank 1 failed" in errors[0] and "RuntimeError: injected fault at epoch 2 on rank 1" in errors[0]
+    assert "Traceback" not in done.stderr.split(errors[0])[1]  # nothing after the summary
+
+
+def test_bad_config_starts_no_worker(tmp_path):
+    cfg = write_config(tmp_path / "bad.yaml", {**ddp_config(), "output": {"dir": str(tmp_path / "runs")}})
+    done = run_cli("launch", "--nproc", "2", str(cfg), "ddp.lr=-1", "ddp.optimizer=lion", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "error: command line: ddp.lr: must be > 0, got -1.0",
+        "error: command line: ddp.optimizer: must be one of sgd, momentum, adamw; got 'lion'",
+    ]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_two_concurrent_launches_do_not_collide(tmp_path):
+    procs = []
+    for name in ("a", "b"):
+        cfg = write_config(tmp_path / f"{name}.yaml", ddp_config(epochs=1))
+        cmd = fltool_cmd("launch", "--nproc", "2", str(cfg), f"output.run_dir={tmp_path / name}")
+        procs.append(
+            subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    results = [p.communicate(timeout=180) for p in procs]
+    for proc, (_, err) in zip(procs, results):
+        assert proc.returncode == 0, err
+    assert_same_model(load_model(tmp_path / "a"), load_model(tmp_path / "b"), atol=0)
+
+
+def test_federated_launch_equals_single_process_train(tmp_path):
+    raw = {
+        "name": "fed",
+        "mode": "fedavg",
+        "seed": 1,
+        "device": "cpu",
+        "data": {
+            "dataset": "synthetic",
+            "synthetic": {"train_size": 400, "test_size": 100, "shape": [1, 8, 8], "num_classes": 4},
+        },
+        "model": {"name": "mlp"},
+        "federated": {"num_clients": 10, "fraction": 0.5, "rounds": 3, "batch_size": 10, "lr": 0.1},
+        "ddp": {"timeout_s": 30},
+    }
+    ref = _single_process(tmp_path / "single", raw)
+    overrides = [f"{k}={v}" for k, v in {
+        "data.dataset": "synthetic", "data.synthetic.train_size": 400, "data.synthetic.test_size": 100,
+        "data.synthetic.shape": "[1,8,8]", "data.synthetic.num_classes": 4, "device": "cpu", "seed": 1,
+        "federated.num_clients": 10, "federated.fraction": 0.5, "federated.rounds": 3, "ddp.timeout_s": 30,
+    }.items()]
+    # The shipped fedavg config, shrunk: it becomes exactly `raw` above.
+    fed_yaml = REPO / "configs" / "fedavg_mnist.yaml"
+    assert load_config(fed_yaml, overrides).federated == config_from_dict(raw).federated
+    two_dir = tmp_path / "two"
+    done = run_cli("launch", "--nproc", "2", str(fed_yaml), *overrides, f"output.run_dir={two_dir}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert_same_model(load_model(tmp_path / "two"), load_model(ref))
+    two, one = read_metrics(tmp_path / "two"), read_metrics(ref)
+    assert [r["client_ids"] for r in two] == [r["client_ids"] for r in one]
+    assert [r["test_accuracy"] for r in two] == pytest.approx([r["test_accuracy"] for r in one])
+
+
+def test_dry_run_prints_the_torchrun_command_and_creates_nothing(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", {**ddp_config(), "output": {"dir": str(tmp_path / "runs")}})
+    single = run_cli("launch", "--nproc", "2", "--dry-run", str(cfg), cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    assert single.stdout.startswith("torchrun --nproc-per-node=2 --standalone --max-restarts=0 ")
+    assert "--module fltool.distributed.worker" in single.stdout
+    multi = run_cli(
+        "launch", "--nproc", "2", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "head:29400",
+        "--max-restarts", "3", "--dry-run", str(cfg), cwd=tmp_path,
+    )
+    assert multi.returncode == 0, multi.stderr
+    flags = ("--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=head:29400", "--max-restarts=3")
+    for flag in flags:
+        assert flag in multi.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_launch_inside_torchrun_is_refused(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", ddp_config())
+    done = run_cli("launch", "--nproc", "2", str(cfg), cwd=tmp_path, TORCHELASTIC_RUN_ID="outer")
+    assert done.returncode == 2
+    assert "already running under torchrun (TORCHELASTIC_RUN_ID set)" in done.stderr
+
+
+def test_gpu_backends_need_a_gpu_per_process():
+    nccl = config_from_dict({**ddp_config(), "device": "auto", "ddp": {"backend": "nccl"}})
+    with pytest.raises(FltoolError, match=r"--nproc 4 exceeds the 2 visible GPU\(s\) \(one per process with nccl"):
+        check_devices(nccl, 4, gpu_count=2)
+    with pytest.raises(FltoolError, match="ddp.backend: nccl needs CUDA but no GPU is visible"):
+        check_devices(nccl, 1, gpu_count=0)
+    check_devices(nccl, 2, gpu_count=2)  # one per GPU is fine
+    gloo_cuda = config_from_dict({**ddp_config(), "device": "cuda"})
+    with pytest.raises(FltoolError, match=r"--nproc 3 exceeds the 2 visible GPU\(s\) \(one per process with gloo"):
+        check_devices(gloo_cuda, 3, gpu_count=2)
+    with pytest.raises(FltoolError, match="nccl cannot run with device: cpu"):
+        check_devices(config_from_dict({**ddp_config(backend="nccl")}), 1, gpu_count=8)
+    check_devices(config_from_dict(ddp_config()), 8, gpu_count=0)  # gloo on cpu needs none
+
+
+def test_nccl_launch_with_too_many_processes_fails_before_starting(tmp_path):
+    raw = {**ddp_config(backend="nccl"), "device": "auto", "output": {"dir": str(tmp_path / "runs")}}
+    done = run_cli("launch", "--nproc", "512", str(write_config(tmp_path / "c.yaml", raw)), cwd=tmp_path)
+    assert done.returncode == 2
+    # No GPU here: "needs CUDA"; on a GPU machine: "--nproc 512 exceeds"; never a started worker.
+    assert done.stderr.startswith("error: ") and "nccl" in done.stderr and len(done.stderr.splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ctrl_c_stops_cleanly_and_launch_resume_continues(tmp_path):
+    cfg = write_config(tmp_path / "long.yaml", ddp_config(epochs=400))
+    run_dir = tmp_path / "long"
+    cmd = fltool_cmd("launch", "--nproc", "2", str(cfg), f"output.run_dir={run_dir}")
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"--resume {run_dir}" in err.splitlines()[-1]
+    stopped_at = load_checkpoint(run_dir / "checkpoints" / "last.pt")["round"]
+    assert 1 <= stopped_at < 400
+
+    done = run_cli("launch", "--nproc", "2", "--resume", str(run_dir), f"ddp.epochs={stopped_at + 2}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = read_metrics(run_dir)
+    assert [r["epoch"] for r in rows] == list(range(1, stopped_at + 3))
+    assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine follows the new ddp.epochs
+
+
+def test_real_mnist_launch_with_a_fresh_cache(tmp_path):
+    """Both ranks share one empty cache: launch fills it once, before the workers start."""
+    data = Path(os.environ.get("FLTOOL_DATA") or REPO.parent / "shared" / "data")
+    archive = data / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    assert archive.is_file(), f"MNIST is missing: expected {archive} (set FLTOOL_DATA); data tests must not skip"
+    run_dir = tmp_path / "mnist"
+    done = run_cli(
+        "launch", "--nproc", "2", str(REPO / "configs" / "ddp_mnist.yaml"), "model.name=mlp", "ddp.epochs=1",
+        "device=cpu", "ddp.backend=gloo", f"output.run_dir={run_dir}", cwd=tmp_path,
+        FLTOOL_DATA=str(data), FLTOOL_CACHE=str(tmp_path / "cache"),
+    )
+    assert done.returncode == 0, done.stderr
+    (row,) = read_metrics(run_dir)
+    assert row["steps"] == 469  # ceil(60000 / (64 x 2))
+    assert row["test_accuracy"] > 0.9
+
