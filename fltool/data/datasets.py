@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +99,9 @@ def _copy_raw_archives(src: Path, dst: Path) -> None:
         target = dst / archive.name
         if target.exists() and target.stat().st_size == archive.stat().st_size:
             continue
-        tmp = target.with_suffix(target.suffix + ".tmp")
+        # A unique temp name: several processes may fill a fresh cache at once.
+        fd, tmp = tempfile.mkstemp(dir=dst, prefix=f".{archive.name}.", suffix=".tmp")
+        os.close(fd)
         shutil.copyfile(archive, tmp)
         os.replace(tmp, target)
 
