@@ -79,5 +79,16 @@ class SequentialEngine:
         return CohortResult(weighted, loss_sum)
 
 
-def make_engine(name: str, model: nn.Module, seed: int) -> SequentialEngine:
-    return SequentialEngine(model, seed)
+def make_engine(name: str, model: nn.Module, seed: int, max_parallel_clients: int | None = None):
+    """`sequential`, `vectorized`, or `auto`: vectorized unless the model keeps BatchNorm
+    running statistics (which one stacked forward pass cannot update per client)."""
+    from fltool.engine.setup import has_running_stats
+    from fltool.engine.vectorized import VectorizedEngine  # imports this module
+
+    if name == "auto":
+        name = "sequential" if has_running_stats(model) else "vectorized"
+    if name == "vectorized":
+        return VectorizedEngine(model, seed, max_parallel_clients)
+    if name == "sequential":
+        return SequentialEngine(model, seed)
+    raise ValueError(f"unknown engine {name!r}")
