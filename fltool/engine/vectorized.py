@@ -48,7 +48,7 @@ class ChunkPlan:
 
     index: Tensor  # (steps, M, width) rows of the chunk's concatenated data
     mask: Tensor  # (steps, M, width) 1.0 for a real example, 0.0 for padding
-    step_size: Tensor  # (steps, M) -lr while client m still has a batch at this step, else 0
+    active: Tensor  # (steps, M) 1.0 while client m still has a batch at this step, else 0.0
     n: list[int]  # examples per client
     steps: list[int]  # local steps per client
 
@@ -69,7 +69,7 @@ def plan_chunk(seed: int, round_: int, clients: Sequence[ClientData], rule: Loca
     return ChunkPlan(
         index=index.clamp_min(0).to(device, non_blocking=True),
         mask=mask.to(device=device, dtype=torch.float32, non_blocking=True),
-        step_size=(active.to(torch.float32) * -rule.lr).to(device, non_blocking=True),
+        active=active.to(device=device, dtype=torch.float32, non_blocking=True),
         n=[c.n for c in clients],
         steps=[p.shape[0] for p in padded],
     )
@@ -146,19 +146,20 @@ class VectorizedEngine:
             idx = plan.index[s]
             loss, ce = objective(tuple(params), anchor, x[idx], y[idx], plan.mask[s])
             # Clients' parameters are independent, so the gradient of the summed loss
-            # w.r.t. the stack is every client's own gradient.
-            grads = torch.autograd.grad(loss.sum(), params)
+            # w.r.t. the stack is every client's own gradient; weighting by `active`
+            # zeroes the step of a finished client (FedProx's term alone would move it).
+            grads = torch.autograd.grad((loss * plan.active[s]).sum(), params)
             with torch.no_grad():
-                sgd_step(params, grads, plan.step_size[s])
+                sgd_step(params, grads, rule.lr)
             ce_sums = ce_sums + ce.detach()  # a finished client's ce is 0 (all-masked)
         return [p.detach() for p in params], ce_sums, plan
 
 
-def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], step_size: Tensor) -> None:
-    """w_k <- w_k + step_size[k] * g_k in place; step_size is -lr, or 0 for a finished client.
+def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float) -> None:
+    """w_k <- w_k - lr * g_k for every client k in place (one fused foreach kernel).
 
     Plain SGD keeps no state. A stateful optimizer would keep its state stacked like the
-    parameters (client dim 0) and gate its update with the same per-client step size.
+    parameters (client dim 0) and also skip finished clients (a zero gradient is not
+    enough once there is momentum).
     """
-    for p, g in zip(params, grads, strict=True):
-        p.addcmul_(g, step_size.view(-1, *([1] * (g.dim() - 1))))
+    torch._foreach_add_(list(params), list(grads), alpha=-lr)
