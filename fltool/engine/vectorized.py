@@ -149,10 +149,29 @@ class VectorizedEngine:
             # w.r.t. the stack is every client's own gradient; weighting by `active`
             # zeroes the step of a finished client (FedProx's term alone would move it).
             grads = torch.autograd.grad((loss * plan.active[s]).sum(), params)
+            if s == 0:
+                params = match_layout(params, grads)
             with torch.no_grad():
                 sgd_step(params, grads, rule.lr)
             ce_sums = ce_sums + ce.detach()  # a finished client's ce is 0 (all-masked)
         return [p.detach() for p in params], ce_sums, plan
+
+
+def match_layout(params: list[Tensor], grads: Sequence[Tensor]) -> list[Tensor]:
+    """Give each stacked parameter the memory layout of its gradient.
+
+    The batched matmul behind a vmap'd Linear returns weight gradients as transposed
+    views; adding a transposed tensor in place is a cache-hostile strided loop that cost
+    more than the whole forward pass on CPU. With equal layouts the update is one linear
+    sweep. Values are unchanged, only strides.
+    """
+    out = []
+    for p, g in zip(params, grads, strict=True):
+        if p.stride() != g.stride():
+            q = torch.empty_strided(p.shape, g.stride(), dtype=p.dtype, device=p.device)
+            p = q.copy_(p.detach()).requires_grad_(True)
+        out.append(p)
+    return out
 
 
 def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float) -> None:
