@@ -34,6 +34,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from fltool.algorithms import LocalRule, WeightedSum, derive_seed
 from fltool.algorithms.local import local_objective
+from fltool.engine.batched_nets import make_batched_apply, supports
 from fltool.engine.cohort import ClientData, CohortResult, client_batches, make_apply_fn
 from fltool.engine.setup import has_running_stats
 from fltool.errors import FltoolError
@@ -88,7 +89,9 @@ class VectorizedEngine:
 
     name = "vectorized"
 
-    def __init__(self, model: nn.Module, seed: int, max_parallel_clients: int | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, seed: int, max_parallel_clients: int | None = None, hand_batched: bool = True
+    ) -> None:
         if has_running_stats(model):
             raise FltoolError(
                 "federated.engine: vectorized cannot train models with BatchNorm running statistics; "
@@ -98,17 +101,34 @@ class VectorizedEngine:
         self.seed = seed
         self.max_parallel_clients = max_parallel_clients
         self.apply_fn = make_apply_fn(model)
+        # plain conv/MLP stacks get the hand-batched forward (see batched_nets); others vmap
+        self.batched_apply = make_batched_apply(model) if hand_batched and supports(model) else None
         self._objectives: dict[float, BatchedObjective] = {}
 
     def objective(self, mu: float) -> BatchedObjective:
         """`local_objective` mapped over the client dim of params, data and mask."""
-        if mu not in self._objectives:
+        if mu in self._objectives:
+            return self._objectives[mu]
+        if self.batched_apply is None:
 
             def one_client(params, anchor, x, y, mask):
                 return local_objective(self.apply_fn, params, anchor, x, y, mu, mask)
 
-            self._objectives[mu] = vmap(one_client, in_dims=(0, None, 0, 0, 0), randomness="different")
-        return self._objectives[mu]
+            objective = vmap(one_client, in_dims=(0, None, 0, 0, 0), randomness="different")
+        else:
+            # The network runs hand-batched; only the loss (cheap) is vmap'd, so the
+            # loss and FedProx term are still exactly `local_objective`.
+            def from_logits(params, anchor, logits, y, mask):
+                return local_objective(lambda _, z: z, params, anchor, logits, y, mu, mask)
+
+            loss_of_logits = vmap(from_logits, in_dims=(0, None, 0, 0, 0))
+            batched_apply = self.batched_apply
+
+            def objective(params, anchor, x, y, mask):
+                return loss_of_logits(params, anchor, batched_apply(params, x), y, mask)
+
+        self._objectives[mu] = objective
+        return objective
 
     def train_cohort(
         self, global_params: Sequence[Tensor], clients: Sequence[ClientData], rule: LocalRule, round_: int

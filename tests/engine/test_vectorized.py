@@ -10,8 +10,9 @@ from torch import nn
 
 from fltool.algorithms import LocalRule
 from fltool.config import config_from_dict
+from fltool.engine.batched_nets import make_batched_apply, supports
 from fltool.engine.checkpoint import load_checkpoint
-from fltool.engine.cohort import ClientData, SequentialEngine, make_engine
+from fltool.engine.cohort import ClientData, SequentialEngine, make_apply_fn, make_engine
 from fltool.engine.federated import train_federated
 from fltool.engine.rundir import last_checkpoint
 from fltool.engine.vectorized import VectorizedEngine, chunks, plan_chunk
@@ -55,6 +56,32 @@ def test_cohort_matches_sequential(mode: str, model_name: str) -> None:
     assert_same(vec.weighted.average(), seq.weighted.average())
     torch.testing.assert_close(vec.loss_sum, seq.loss_sum, rtol=1e-5, atol=1e-4)
     assert any(not torch.equal(a, b) for a, b in zip(vec.weighted.average(), params))  # it trained
+
+
+@pytest.mark.parametrize("mode", ["fedavg", "fedprox"])
+def test_vmap_fallback_matches_sequential(mode: str) -> None:
+    """Models the hand-batched forward does not cover are vmap'd over functional_call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    assert not supports(model)
+    clients, params = make_clients((1, 8, 8)), global_params(model)
+    seq = SequentialEngine(model, seed=3).train_cohort(params, clients, RULES[mode], 2)
+    vec = VectorizedEngine(model, seed=3)
+    assert vec.batched_apply is None
+    assert_same(vec.train_cohort(params, clients, RULES[mode], 2).weighted.average(), seq.weighted.average())
+
+
+@pytest.mark.parametrize("model_name,shape", [("mlp", (1, 8, 8)), ("cnn", (1, 12, 12)), ("cnn_cifar", (3, 10, 10))])
+def test_hand_batched_forward_equals_per_client_forward(model_name: str, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    model = build_model(model_name, shape, 10).eval()  # eval: no dropout, so outputs are comparable
+    assert supports(model)
+    stacked = [torch.stack([p.detach() + 0.01 * k for k in range(3)]) for p in model.parameters()]
+    x = torch.randn(3, 4, *shape)
+    batched = make_batched_apply(model)(stacked, x)
+    apply_fn = make_apply_fn(model)
+    for k in range(3):
+        torch.testing.assert_close(batched[k], apply_fn([p[k] for p in stacked], x[k]), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 4])
