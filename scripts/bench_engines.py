@@ -4,9 +4,11 @@ All engines run in one process on the same workload, clients and sampled cohorts
 Client-steps/s counts one local SGD step of one client as one client-step.
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated() during the engine's timed
-rounds (reset before each engine). On CPU, the growth of the process's peak resident
-set size (resource.getrusage ru_maxrss) while the engine ran: a high-water mark, so an
-engine that stays below an earlier engine's peak shows 0.
+rounds (reset before each engine). On CPU (Linux), the peak resident set size during
+the timed rounds minus the resident size before them: the kernel's high-water mark
+VmHWM is reset by writing 5 to /proc/self/clear_refs before each engine. Where that
+reset is not possible it falls back to the growth of getrusage's ru_maxrss, which
+shows 0 for an engine that stays below an earlier peak.
 
     PYTHONPATH=. python scripts/bench_engines.py --workload 2nn --rounds 3 --device cpu
 """
@@ -103,7 +105,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def peak_rss_mib() -> float:
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> float | None:
+    """Reset the kernel's peak-RSS mark; return the current RSS (MiB), or None if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_mib("VmRSS")
+    except (OSError, KeyError):
+        return None
+
+
+def peak_rss_mib(baseline: float | None) -> float:
+    if baseline is not None:
+        return _status_mib("VmHWM") - baseline
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -115,7 +137,8 @@ def time_engine(
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rss0 = peak_rss_mib()
+    baseline = reset_peak_rss()
+    rss0 = peak_rss_mib(baseline) if baseline is None else 0.0
     t0 = time.perf_counter()
     for r in range(1, rounds + 1):
         run_round(r)
@@ -123,7 +146,7 @@ def time_engine(
     seconds = (time.perf_counter() - t0) / rounds
     if device.type == "cuda":
         return seconds, torch.cuda.max_memory_allocated(device) / 2**20
-    return seconds, peak_rss_mib() - rss0
+    return seconds, peak_rss_mib(baseline) - rss0
 
 
 def bench(name: str, w: Workload, args: argparse.Namespace, device: torch.device) -> None:

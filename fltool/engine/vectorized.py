@@ -1,9 +1,12 @@
 """The vectorized engine: every client of a chunk takes its local step at the same time.
 
 Client parameters are stacked along a leading client dim, and one local step is one
-vmap'd forward plus one backward for all clients of the chunk. Federated simulation is
-launch-bound (10 clients x 10 examples is microseconds of work), so fusing M clients
-into one kernel sequence is where the speed comes from.
+batched forward plus one backward for all clients of the chunk: hand-batched (grouped
+conv + baddbmm, see `batched_nets`) for plain Sequential conv/MLP models, vmap over
+`functional_call` for anything else. Federated simulation is launch-bound (10 clients
+x 10 examples is microseconds of work), so fusing M clients into one kernel sequence
+is where the speed comes from on a GPU. On CPU the gain is removing per-client Python
+and optimizer overhead; conv-heavy models stay compute-bound there.
 
 The math is `local_objective` and the SGD step of `client_update`; only the batching
 differs from `SequentialEngine`:
@@ -13,9 +16,12 @@ differs from `SequentialEngine`:
   batch gets the same gradient as in the sequential engine.
 - A client whose schedule has ended gets a zero step size (FedProx's term alone would
   otherwise still move it).
-- Dropout draws different masks per client (vmap randomness="different") from a
-  per-chunk seed, so dropout models match the sequential engine in distribution, not
-  bit for bit.
+- Dropout draws independent masks per client (one dropout over the stacked
+  activations, or vmap randomness="different") from a per-chunk seed, so dropout
+  models match the sequential engine in distribution, not bit for bit; they are still
+  deterministic for a given seed and chunk size.
+- `max_parallel_clients` bounds the chunk (memory); null trains the whole cohort at
+  once. Chunks change only float summation order (and dropout draws).
 
 The whole schedule of a chunk is built on the host once (the same CPU generators as
 the sequential engine, so the two agree) and moved to the device in one copy; the step
@@ -188,8 +194,8 @@ def match_layout(params: list[Tensor], grads: Sequence[Tensor]) -> list[Tensor]:
     out = []
     for p, g in zip(params, grads, strict=True):
         if p.stride() != g.stride():
-            q = torch.empty_strided(p.shape, g.stride(), dtype=p.dtype, device=p.device)
-            p = q.copy_(p.detach()).requires_grad_(True)
+            # empty_like keeps g's strides when they are dense, else falls back to contiguous
+            p = torch.empty_like(g, dtype=p.dtype).copy_(p.detach()).requires_grad_(True)
         out.append(p)
     return out
 
