@@ -146,7 +146,7 @@ def time_engine(
     seconds = (time.perf_counter() - t0) / rounds
     if device.type == "cuda":
         return seconds, torch.cuda.max_memory_allocated(device) / 2**20
-    return seconds, peak_rss_mib(baseline) - rss0
+    return seconds, max(0.0, peak_rss_mib(baseline) - rss0)
 
 
 def bench(name: str, w: Workload, args: argparse.Namespace, device: torch.device) -> None:
