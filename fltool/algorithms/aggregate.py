@@ -23,6 +23,13 @@ class WeightedSum:
         torch._foreach_add_(self.sums, list(params), alpha=float(weight))
         self.total += float(weight)
 
+    def add_stacked(self, stacked: Sequence[Tensor], weights: Sequence[float]) -> None:
+        """Add sum_k weights[k] * w_k for client-stacked tensors (client k along dim 0)."""
+        w = torch.tensor([float(v) for v in weights], dtype=self.sums[0].dtype, device=self.sums[0].device)
+        for acc, s in zip(self.sums, stacked, strict=True):
+            acc.add_(torch.tensordot(w, s, dims=1))
+        self.total += float(sum(weights))
+
     def average(self) -> list[Tensor]:
         if self.total <= 0:
             raise ValueError("no client contributed a positive weight")

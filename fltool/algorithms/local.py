@@ -55,10 +55,26 @@ def proximal_term(params: Sequence[Tensor], anchor: Sequence[Tensor], mu: float)
 
 
 def local_objective(
-    apply_fn: ApplyFn, params: Sequence[Tensor], anchor: Sequence[Tensor], x: Tensor, y: Tensor, mu: float
+    apply_fn: ApplyFn,
+    params: Sequence[Tensor],
+    anchor: Sequence[Tensor],
+    x: Tensor,
+    y: Tensor,
+    mu: float,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(loss to differentiate, plain cross-entropy for reporting)."""
-    ce = F.cross_entropy(apply_fn(params, x), y)
+    """(loss to differentiate, plain cross-entropy for reporting).
+
+    `mask` (0/1 per example) lets a batched engine pad a partial last batch: the
+    cross-entropy is then the mean over the real examples only, so its gradient equals
+    the unpadded one. An all-zero mask gives a zero cross-entropy.
+    """
+    logits = apply_fn(params, x)
+    if mask is None:
+        ce = F.cross_entropy(logits, y)
+    else:
+        per_example = F.cross_entropy(logits, y, reduction="none")
+        ce = (per_example * mask).sum() / mask.sum().clamp_min(1.0)
     return (ce + proximal_term(params, anchor, mu) if mu > 0 else ce), ce
 
 

@@ -63,6 +63,8 @@ class FederatedConfig:
     server_lr: float = field(default=1.0, metadata=POSITIVE)
     mu: float = field(default=0.0, metadata=NON_NEGATIVE)  # FedProx proximal weight
     engine: Literal["sequential", "vectorized", "auto"] = "sequential"
+    # vectorized engine: clients trained at once per chunk; null = the whole cohort
+    max_parallel_clients: int | None = field(default=None, metadata=AT_LEAST_ONE)
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +17,9 @@ from torch.func import functional_call
 from fltool.algorithms import LocalRule, WeightedSum, batch_schedule, client_update, derive_seed
 from fltool.algorithms.local import ApplyFn
 from fltool.algorithms.sampling import generator_for
+
+if TYPE_CHECKING:
+    from fltool.engine.vectorized import VectorizedEngine
 
 
 @dataclass
@@ -79,5 +83,18 @@ class SequentialEngine:
         return CohortResult(weighted, loss_sum)
 
 
-def make_engine(name: str, model: nn.Module, seed: int) -> SequentialEngine:
-    return SequentialEngine(model, seed)
+def make_engine(
+    name: str, model: nn.Module, seed: int, max_parallel_clients: int | None = None
+) -> SequentialEngine | VectorizedEngine:
+    """`sequential`, `vectorized`, or `auto`: vectorized unless the model keeps BatchNorm
+    running statistics (which one stacked forward pass cannot update per client)."""
+    from fltool.engine.setup import has_running_stats
+    from fltool.engine.vectorized import VectorizedEngine  # imports this module
+
+    if name == "auto":
+        name = "sequential" if has_running_stats(model) else "vectorized"
+    if name == "vectorized":
+        return VectorizedEngine(model, seed, max_parallel_clients)
+    if name == "sequential":
+        return SequentialEngine(model, seed)
+    raise ValueError(f"unknown engine {name!r}")

@@ -1,0 +1,208 @@
+"""Time the textbook FedAvg loop against fltool's sequential and vectorized engines.
+
+All engines run in one process on the same workload, clients and sampled cohorts.
+Client-steps/s counts one local SGD step of one client as one client-step.
+
+Peak memory: on CUDA, torch.cuda.max_memory_allocated() during the engine's timed
+rounds (reset before each engine). On CPU (Linux), the peak resident set size during
+the timed rounds minus the resident size before them: the kernel's high-water mark
+VmHWM is reset by writing 5 to /proc/self/clear_refs before each engine. Where that
+reset is not possible it falls back to the growth of getrusage's ru_maxrss, which
+shows 0 for an engine that stays below an earlier peak.
+
+    PYTHONPATH=. python scripts/bench_engines.py --workload 2nn --rounds 3 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from fltool.algorithms import LocalRule, server_update
+from fltool.algorithms.sampling import generator_for, sample_clients
+from fltool.config.schema import DataConfig, SyntheticConfig
+from fltool.data import load_dataset
+from fltool.engine.cohort import ClientData, make_engine
+from fltool.models import build_model
+
+
+@dataclass(frozen=True)
+class Workload:
+    model: str
+    num_clients: int
+    per_client: int
+    shape: tuple[int, int, int]
+    fraction: float
+    epochs: int
+    batch_size: int
+    lr: float = 0.1
+    server_lr: float = 1.0
+
+
+WORKLOADS = {
+    "2nn": Workload("mlp", 100, 600, (1, 28, 28), 0.1, 1, 10),  # McMahan 2NN
+    "cnn": Workload("cnn", 100, 600, (1, 28, 28), 0.1, 5, 10),  # McMahan CNN
+    "2nn_1000": Workload("mlp", 1000, 60, (1, 28, 28), 1.0, 1, 10),  # 1,000-client cohort
+    "cifar": Workload("cnn_cifar", 1000, 50, (3, 32, 32), 0.05, 1, 10),  # pfl-research CIFAR-10
+}
+
+
+def make_clients(w: Workload, data: str, device: torch.device) -> list[ClientData]:
+    n = w.num_clients * w.per_client
+    if data == "mnist" and w.shape == (1, 28, 28):
+        train = load_dataset(DataConfig(dataset="mnist"), 0).train
+        x, y = train.x[:n], train.y[:n]
+    else:
+        cfg = SyntheticConfig(train_size=n, test_size=1, shape=list(w.shape))
+        train = load_dataset(DataConfig(dataset="synthetic", synthetic=cfg), 0).train
+        x, y = train.x, train.y
+    x, y = x.to(device), y.to(device)
+    k = w.per_client
+    return [ClientData(i, x[i * k : (i + 1) * k], y[i * k : (i + 1) * k]) for i in range(w.num_clients)]
+
+
+def textbook_round(w: Workload, global_model: torch.nn.Module, clients: list[ClientData]) -> None:
+    """FedAvg as the seed article writes it: a fresh model, optimizer and DataLoader per client."""
+    global_state = global_model.state_dict()
+    states, sizes = [], []
+    for client in clients:
+        model = build_model(w.model, w.shape, 10).to(client.x.device)
+        model.load_state_dict(global_state)
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=w.lr)
+        loader = DataLoader(TensorDataset(client.x, client.y), batch_size=w.batch_size, shuffle=True)
+        for _ in range(w.epochs):
+            for xb, yb in loader:
+                opt.zero_grad()
+                F.cross_entropy(model(xb), yb).backward()
+                opt.step()
+        states.append(model.state_dict())
+        sizes.append(client.n)
+    total = sum(sizes)
+    avg = {key: sum(s[key] * (n / total) for s, n in zip(states, sizes)) for key in global_state}
+    global_model.load_state_dict(avg)
+
+
+def engine_round(engine, w: Workload, global_model: torch.nn.Module, clients: list[ClientData], r: int) -> None:
+    rule = LocalRule(epochs=w.epochs, batch_size=w.batch_size, lr=w.lr)
+    params = [p.detach() for p in global_model.parameters()]
+    result = engine.train_cohort(params, clients, rule, r)
+    with torch.no_grad():
+        torch._foreach_copy_(params, server_update(params, result.weighted.average(), w.server_lr))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> float | None:
+    """Reset the kernel's peak-RSS mark; return the current RSS (MiB), or None if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_mib("VmRSS")
+    except (OSError, KeyError):
+        return None
+
+
+def peak_rss_mib(baseline: float | None) -> float:
+    if baseline is not None:
+        return _status_mib("VmHWM") - baseline
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def time_engine(
+    run_round: Callable[[int], None], rounds: int, device: torch.device
+) -> tuple[float, float]:
+    """(seconds per round, peak memory MiB) over `rounds` timed rounds after one warm-up."""
+    run_round(0)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    baseline = reset_peak_rss()
+    rss0 = peak_rss_mib(baseline) if baseline is None else 0.0
+    t0 = time.perf_counter()
+    for r in range(1, rounds + 1):
+        run_round(r)
+    sync(device)
+    seconds = (time.perf_counter() - t0) / rounds
+    if device.type == "cuda":
+        return seconds, torch.cuda.max_memory_allocated(device) / 2**20
+    return seconds, max(0.0, peak_rss_mib(baseline) - rss0)
+
+
+def bench(name: str, w: Workload, args: argparse.Namespace, device: torch.device) -> None:
+    clients = make_clients(w, args.data, device)
+    cohorts = {
+        r: [clients[k] for k in sample_clients(w.num_clients, w.fraction, generator_for(0, "sample", r))]
+        for r in range(args.rounds + 1)
+    }
+    steps = sum(w.epochs * math.ceil(c.n / w.batch_size) for r in range(1, args.rounds + 1) for c in cohorts[r])
+    steps_per_round = steps / args.rounds
+    print(
+        f"\n== {name}: {w.model}, {w.num_clients} clients x {w.per_client}, cohort {len(cohorts[1])}, "
+        f"E={w.epochs}, B={w.batch_size}, {steps_per_round:.0f} client-steps/round, {args.rounds} rounds, {device}"
+    )
+    print(f"{'engine':<12} {'client-steps/s':>15} {'s/round':>10} {'peak MiB':>10} {'x textbook':>11}")
+    ref = None
+    for engine_name in args.engines:
+        torch.manual_seed(0)
+        model = build_model(w.model, w.shape, 10).to(device)
+        if engine_name == "textbook":
+
+            def run_round(r: int) -> None:
+                textbook_round(w, model, cohorts[r])
+
+        else:
+            engine = make_engine(engine_name, model, 0, args.max_parallel_clients)
+
+            def run_round(r: int) -> None:
+                engine_round(engine, w, model, cohorts[r], r)
+
+        seconds, mib = time_engine(run_round, args.rounds, device)
+        rate = steps_per_round / seconds
+        ref = rate if engine_name == "textbook" else ref
+        ratio = f"{rate / ref:.2f}" if ref else "-"
+        print(f"{engine_name:<12} {rate:>15,.0f} {seconds:>10.3f} {mib:>10.0f} {ratio:>11}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per engine (after 1 warm-up round)")
+    parser.add_argument("--data", choices=["synthetic", "mnist"], default="synthetic")
+    parser.add_argument("--engines", nargs="+", default=["textbook", "sequential", "vectorized"])
+    parser.add_argument("--max-parallel-clients", type=int, default=None, help="vectorized chunk size")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, python {sys.version.split()[0]}")
+    for name in WORKLOADS if args.workload == "all" else [args.workload]:
+        bench(name, WORKLOADS[name], args, device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""The vectorized engine computes what the sequential engine computes, only batched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fltool.algorithms import LocalRule
+from fltool.config import config_from_dict
+from fltool.engine.batched_nets import make_batched_apply, supports
+from fltool.engine.checkpoint import load_checkpoint
+from fltool.engine.cohort import ClientData, SequentialEngine, make_apply_fn, make_engine
+from fltool.engine.federated import train_federated
+from fltool.engine.rundir import last_checkpoint
+from fltool.engine.vectorized import VectorizedEngine, chunks, plan_chunk
+from fltool.errors import FltoolError
+from fltool.models import build_model
+
+# sizes that leave partial last batches for B=5, a client of one example, and clients
+# whose schedules end at different steps
+SIZES = [7, 23, 16, 40, 1, 12]
+RULES = {
+    "fedavg": LocalRule(epochs=2, batch_size=5, lr=0.1),
+    "fedprox": LocalRule(epochs=2, batch_size=5, lr=0.1, mu=0.5),
+    "fedsgd": LocalRule(epochs=1, batch_size=None, lr=0.1),
+}
+
+
+def make_clients(shape: tuple[int, ...], sizes: list[int] = SIZES) -> list[ClientData]:
+    g = torch.Generator().manual_seed(1)
+    return [ClientData(i, torch.randn((n, *shape), generator=g), torch.randint(10, (n,), generator=g)) for i, n in enumerate(sizes)]
+
+
+def global_params(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_same(a: list[torch.Tensor], b: list[torch.Tensor], atol: float = 1e-5) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", RULES)
+@pytest.mark.parametrize("model_name", ["mlp", "cnn_small"])
+def test_cohort_matches_sequential(mode: str, model_name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(model_name, (1, 8, 8), 10)
+    clients, params = make_clients((1, 8, 8)), global_params(model)
+    seq = SequentialEngine(model, seed=3).train_cohort(params, clients, RULES[mode], 2)
+    vec = VectorizedEngine(model, seed=3).train_cohort(params, clients, RULES[mode], 2)
+    assert vec.weighted.total == seq.weighted.total == sum(SIZES)
+    assert_same(vec.weighted.average(), seq.weighted.average())
+    torch.testing.assert_close(vec.loss_sum, seq.loss_sum, rtol=1e-5, atol=1e-4)
+    assert any(not torch.equal(a, b) for a, b in zip(vec.weighted.average(), params))  # it trained
+
+
+@pytest.mark.parametrize("mode", ["fedavg", "fedprox"])
+def test_vmap_fallback_matches_sequential(mode: str) -> None:
+    """Models the hand-batched forward does not cover are vmap'd over functional_call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    assert not supports(model)
+    clients, params = make_clients((1, 8, 8)), global_params(model)
+    seq = SequentialEngine(model, seed=3).train_cohort(params, clients, RULES[mode], 2)
+    vec = VectorizedEngine(model, seed=3)
+    assert vec.batched_apply is None
+    assert_same(vec.train_cohort(params, clients, RULES[mode], 2).weighted.average(), seq.weighted.average())
+
+
+@pytest.mark.parametrize("model_name,shape", [("mlp", (1, 8, 8)), ("cnn", (1, 12, 12)), ("cnn_cifar", (3, 10, 10))])
+def test_hand_batched_forward_equals_per_client_forward(model_name: str, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    model = build_model(model_name, shape, 10).eval()  # eval: no dropout, so outputs are comparable
+    assert supports(model)
+    stacked = [torch.stack([p.detach() + 0.01 * k for k in range(3)]) for p in model.parameters()]
+    x = torch.randn(3, 4, *shape)
+    batched = make_batched_apply(model)(stacked, x)
+    apply_fn = make_apply_fn(model)
+    for k in range(3):
+        torch.testing.assert_close(batched[k], apply_fn([p[k] for p in stacked], x[k]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4])
+def test_chunking_matches_whole_cohort(chunk: int) -> None:
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10)
+    clients, params = make_clients((1, 8, 8)), global_params(model)
+    whole = VectorizedEngine(model, seed=0).train_cohort(params, clients, RULES["fedprox"], 1)
+    chunked = VectorizedEngine(model, seed=0, max_parallel_clients=chunk).train_cohort(params, clients, RULES["fedprox"], 1)
+    assert_same(chunked.weighted.average(), whole.weighted.average())
+    torch.testing.assert_close(chunked.loss_sum, whole.loss_sum, rtol=1e-5, atol=1e-4)
+
+
+def test_chunks_cover_the_cohort_once() -> None:
+    clients = make_clients((2,))
+    parts = chunks(clients, 4)
+    assert [len(p) for p in parts] == [4, 2]
+    assert sorted(c.id for p in parts for c in p) == [c.id for c in clients]
+    assert len(chunks(clients, None)) == 1
+
+
+def test_plan_masks_padding_and_finished_clients() -> None:
+    clients = make_clients((2,), [7, 3])
+    plan = plan_chunk(0, 1, clients, LocalRule(epochs=1, batch_size=5, lr=0.1), torch.device("cpu"))
+    assert plan.steps == [2, 1]
+    assert plan.mask.sum(dim=2).tolist() == [[5.0, 3.0], [2.0, 0.0]]  # partial batches, then done
+    assert plan.active.tolist() == [[1.0, 1.0], [1.0, 0.0]]
+    real = plan.index[plan.mask.bool()]
+    assert sorted(real.tolist()) == list(range(10))  # every example once, client 1 offset by 7
+
+
+def test_auto_picks_vectorized_unless_running_stats() -> None:
+    mlp = build_model("mlp", (1, 8, 8), 10)
+    with_bn = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Linear(16, 10))
+    assert isinstance(make_engine("auto", mlp, 0), VectorizedEngine)
+    assert isinstance(make_engine("auto", with_bn, 0), SequentialEngine)
+    assert isinstance(make_engine("sequential", mlp, 0), SequentialEngine)
+    with pytest.raises(FltoolError, match="BatchNorm"):
+        make_engine("vectorized", with_bn, 0)
+
+
+def test_dropout_model_trains_deterministically() -> None:
+    """cnn_cifar has dropout: per-client masks differ from the sequential engine's, so
+    only determinism and sanity are checked, not equality."""
+    torch.manual_seed(0)
+    model = build_model("cnn_cifar", (3, 8, 8), 10)
+    clients, params = make_clients((3, 8, 8), [6, 9, 4]), global_params(model)
+    runs = [VectorizedEngine(model, seed=0).train_cohort(params, clients, RULES["fedavg"], 1) for _ in range(2)]
+    assert_same(runs[0].weighted.average(), runs[1].weighted.average(), atol=0)
+    assert all(torch.isfinite(p).all() for p in runs[0].weighted.average())
+    seq = SequentialEngine(model, seed=0).train_cohort(params, clients, RULES["fedavg"], 1)
+    delta_vec = sum((a - p).norm() for a, p in zip(runs[0].weighted.average(), params))
+    delta_seq = sum((a - p).norm() for a, p in zip(seq.weighted.average(), params))
+    assert 0.5 < float(delta_vec / delta_seq) < 2.0  # same size of update, different noise
+
+
+def run_config(tmp_path: Path, mode: str, engine: str, **federated: object):
+    raw = {
+        "name": "vec",
+        "mode": mode,
+        "seed": 0,
+        "device": "cpu",
+        "data": {"dataset": "synthetic", "partition": "dirichlet", "alpha": 0.5,
+                 "synthetic": {"train_size": 301, "test_size": 100, "shape": [1, 8, 8]}},
+        "model": {"name": "mlp"},
+        "federated": {"num_clients": 7, "fraction": 0.6, "rounds": 2, "local_epochs": 2, "batch_size": 8,
+                      "lr": 0.1, "mu": 0.1, "engine": engine, **federated},
+        "output": {"dir": str(tmp_path / "runs"), "run_dir": str(tmp_path / engine / mode)},
+    }
+    cfg = config_from_dict(raw, "test")
+    run_dir = Path(cfg.output.run_dir)
+    run_dir.mkdir(parents=True)
+    summary = train_federated(cfg, run_dir)
+    return summary, load_checkpoint(last_checkpoint(run_dir))["model"]
+
+
+@pytest.mark.parametrize("mode", ["fedavg", "fedprox", "fedsgd"])
+def test_training_run_matches_sequential(tmp_path: Path, mode: str) -> None:
+    seq, seq_model = run_config(tmp_path, mode, "sequential")
+    vec, vec_model = run_config(tmp_path, mode, "vectorized", max_parallel_clients=3)
+    assert [r["client_ids"] for r in vec.metrics] == [r["client_ids"] for r in seq.metrics]
+    for a, b in zip(vec.metrics, seq.metrics):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
+    assert_same(list(vec_model.values()), list(seq_model.values()))
+
+
+def test_max_parallel_clients_is_validated() -> None:
+    with pytest.raises(FltoolError, match="max_parallel_clients"):
+        config_from_dict({"federated": {"max_parallel_clients": 0}}, "test")
