@@ -92,6 +92,7 @@ def train_ddp(
     resume: dict[str, Any] | None = None,
     comm: Comm | None = None,
 ) -> RunSummary:
+    t_setup = time.perf_counter()
     comm = comm or Comm()
     dcfg = cfg.ddp
     device = comm.device or resolve_device(cfg.device)
@@ -183,6 +184,7 @@ def train_ddp(
         target_round=target_epoch,
         wall_s=time.perf_counter() - t0,
         metrics=log.rows,
+        setup_s=t0 - t_setup,
     )
 
 

@@ -54,8 +54,9 @@ class RunSummary:
     final_loss: float | None
     best_accuracy: float | None
     target_round: int | None
-    wall_s: float
+    wall_s: float  # training only: setup (data, model) is in setup_s
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    setup_s: float = 0.0
 
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -78,6 +79,7 @@ def train_federated(
     resume: dict[str, Any] | None = None,
     comm: Comm | None = None,
 ) -> RunSummary:
+    t_setup = time.perf_counter()
     comm = comm or Comm()
     device = comm.device or resolve_device(cfg.device)
     dataset, clients = build_clients(cfg, device)
@@ -161,4 +163,5 @@ def train_federated(
         target_round=target_round,
         wall_s=time.perf_counter() - t0,
         metrics=log.rows,
+        setup_s=t0 - t_setup,
     )

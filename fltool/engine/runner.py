@@ -23,6 +23,7 @@ def summary_dict(summary: RunSummary) -> dict[str, Any]:
         "final_test_loss": None if summary.final_loss is None else round(summary.final_loss, 4),
         "best_accuracy": summary.best_accuracy,
         "target_reached_round": summary.target_round,
+        "setup_s": round(summary.setup_s, 3),
         "wall_s": round(summary.wall_s, 3),
     }
 
