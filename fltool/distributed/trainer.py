@@ -31,7 +31,7 @@ from fltool.distributed.optim import make_optimizer, make_scheduler, schedule_ru
 from fltool.distributed.sharding import rank_batches, steps_per_epoch
 from fltool.engine.checkpoint import make_checkpoint, save_checkpoint
 from fltool.engine.evaluate import evaluate
-from fltool.engine.federated import Comm, RunSummary
+from fltool.engine.federated import Comm, RunSummary, summarize
 from fltool.engine.metrics import MetricsLog
 from fltool.engine.rundir import best_checkpoint, last_checkpoint
 from fltool.engine.setup import resolve_device, seeded_model
@@ -120,7 +120,7 @@ def train_ddp(
     x_train, y_train = dataset.train.x, dataset.train.y
     elapsed0 = log.rows[-1]["elapsed_s"] if log.rows else 0.0
     t0 = time.perf_counter()
-    target_epoch, last_epoch = None, start - 1
+    target_epoch = None
 
     for epoch in range(start, dcfg.epochs + 1):
         maybe_inject_fault(run_dir, epoch, comm.rank)
@@ -169,23 +169,11 @@ def train_ddp(
         else:
             log.rows.append(row)
         comm.barrier()  # the checkpoint of this epoch exists before any rank goes on
-        last_epoch = epoch
         if reached:
             target_epoch = epoch
             break
 
-    evaluated = [r for r in log.rows if r["test_accuracy"] is not None]
-    return RunSummary(
-        run_dir=run_dir,
-        rounds_completed=last_epoch,
-        final_accuracy=evaluated[-1]["test_accuracy"] if evaluated else None,
-        final_loss=evaluated[-1]["test_loss"] if evaluated else None,
-        best_accuracy=best,
-        target_round=target_epoch,
-        wall_s=time.perf_counter() - t0,
-        metrics=log.rows,
-        setup_s=t0 - t_setup,
-    )
+    return summarize(run_dir, log.rows, "epoch", best, target_epoch, t_setup, t0)
 
 
 def _save(

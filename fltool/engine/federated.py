@@ -153,15 +153,22 @@ def train_federated(
             target_round = r
             break
     comm.barrier()
-    evaluated = [row for row in log.rows if row["test_accuracy"] is not None]
+    return summarize(run_dir, log.rows, "round", best, target_round, t_setup, t0)
+
+
+def summarize(
+    run_dir: Path, rows: list[dict[str, Any]], unit: str, best: float | None, target: int | None, t_setup: float, t0: float
+) -> RunSummary:
+    """The run's summary from its metric rows; shared by the federated and DDP trainers."""
+    evaluated = [row for row in rows if row["test_accuracy"] is not None]
     return RunSummary(
         run_dir=run_dir,
-        rounds_completed=log.rows[-1]["round"] if log.rows else 0,
+        rounds_completed=rows[-1][unit] if rows else 0,
         final_accuracy=evaluated[-1]["test_accuracy"] if evaluated else None,
         final_loss=evaluated[-1]["test_loss"] if evaluated else None,
         best_accuracy=best,
-        target_round=target_round,
+        target_round=target,
         wall_s=time.perf_counter() - t0,
-        metrics=log.rows,
+        metrics=rows,
         setup_s=t0 - t_setup,
     )
