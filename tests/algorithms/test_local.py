@@ -17,6 +17,14 @@ from fltool.engine.setup import seeded_model
 from fltool.data import load_dataset
 
 
+def tiny_linear_problem():
+    """A seeded 6->2 linear classifier, its apply_fn, initial weights, and 9 examples."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 2))
+    w0 = [p.detach().clone() for p in model.parameters()]
+    return model, make_apply_fn(model), w0, torch.randn(9, 1, 2, 3), torch.randint(2, (9,))
+
+
 def test_modes_differ_only_in_the_local_rule():
     fed = FederatedConfig(local_epochs=5, batch_size=10, lr=0.2, mu=0.5)
     assert rule_for("fedavg", fed) == LocalRule(5, 10, 0.2, 0.0)
@@ -87,11 +95,7 @@ def test_fedprox_gradient_carries_mu_times_drift():
 
 
 def test_client_update_is_plain_sgd_on_the_schedule():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 2))
-    apply_fn = make_apply_fn(model)
-    w0 = [p.detach().clone() for p in model.parameters()]
-    x, y = torch.randn(9, 1, 2, 3), torch.randint(2, (9,))
+    model, apply_fn, w0, x, y = tiny_linear_problem()
     rule = LocalRule(2, 4, 0.5)
     batches = batch_schedule(9, rule, torch.Generator().manual_seed(1))
     new, loss_sum = client_update(apply_fn, w0, x, y, rule, batches)
@@ -112,11 +116,7 @@ def test_client_update_is_plain_sgd_on_the_schedule():
 
 
 def test_client_update_with_mu_is_sgd_on_the_fedprox_objective():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 2))
-    apply_fn = make_apply_fn(model)
-    w0 = [p.detach().clone() for p in model.parameters()]
-    x, y = torch.randn(9, 1, 2, 3), torch.randint(2, (9,))
+    _, apply_fn, w0, x, y = tiny_linear_problem()
     rule = LocalRule(3, 4, 0.5, mu=0.8)
     batches = batch_schedule(9, rule, torch.Generator().manual_seed(1))
     new, _ = client_update(apply_fn, w0, x, y, rule, batches)
