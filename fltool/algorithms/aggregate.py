@@ -27,13 +27,27 @@ class WeightedSum:
         """Add sum_k weights[k] * w_k for client-stacked tensors (client k along dim 0)."""
         w = torch.tensor([float(v) for v in weights], dtype=self.sums[0].dtype, device=self.sums[0].device)
         for acc, s in zip(self.sums, stacked, strict=True):
-            acc.add_(torch.tensordot(w, s, dims=1))
+            acc.add_(client_weighted_sum(w, s))
         self.total += float(sum(weights))
 
     def average(self) -> list[Tensor]:
         if self.total <= 0:
             raise ValueError("no client contributed a positive weight")
         return torch._foreach_div(self.sums, self.total)
+
+
+def client_weighted_sum(weights: Tensor, stacked: Tensor) -> Tensor:
+    """sum_k weights[k] * stacked[k] as one matrix-vector product, in whatever memory
+    layout the stack has: a batched engine's weight stacks can be per-client transposed,
+    and tensordot would first copy them into contiguous order."""
+    # visit the per-client dims in memory order so the stack is a dense (M, N) matrix
+    order = sorted(range(1, stacked.dim()), key=lambda d: -stacked.stride(d))
+    dense = stacked.permute(0, *order)
+    if not dense.is_contiguous():
+        return torch.tensordot(weights, stacked, dims=1)
+    summed = (weights @ dense.reshape(len(weights), -1)).reshape(dense.shape[1:])
+    inverse = sorted(range(len(order)), key=lambda i: order[i])
+    return summed.permute(*inverse)
 
 
 def weighted_average(client_params: Sequence[Sequence[Tensor]], weights: Sequence[float]) -> list[Tensor]:

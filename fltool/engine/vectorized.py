@@ -20,8 +20,9 @@ differs from `SequentialEngine`:
   activations, or vmap randomness="different") from a per-chunk seed, so dropout
   models match the sequential engine in distribution, not bit for bit; they are still
   deterministic for a given seed and chunk size.
-- `max_parallel_clients` bounds the chunk (memory); null trains the whole cohort at
-  once. Chunks change only float summation order (and dropout draws).
+- A cohort is trained in chunks of clients. `max_parallel_clients` fixes the chunk
+  size; null sizes chunks to a memory budget (see `chunking`). Chunks change only
+  float summation order (and dropout draws).
 
 The whole schedule of a chunk is built on the host once (the same CPU generators as
 the sequential engine, so the two agree) and moved to the device in one copy; the step
@@ -41,6 +42,7 @@ from torch.nn.utils.rnn import pad_sequence
 from fltool.algorithms import LocalRule, WeightedSum, derive_seed
 from fltool.algorithms.local import local_objective
 from fltool.engine.batched_nets import make_batched_apply, supports
+from fltool.engine.chunking import auto_chunk_size
 from fltool.engine.cohort import ClientData, CohortResult, client_batches, make_apply_fn
 from fltool.engine.setup import has_running_stats
 from fltool.errors import FltoolError
@@ -96,7 +98,12 @@ class VectorizedEngine:
     name = "vectorized"
 
     def __init__(
-        self, model: nn.Module, seed: int, max_parallel_clients: int | None = None, hand_batched: bool = True
+        self,
+        model: nn.Module,
+        seed: int,
+        max_parallel_clients: int | None = None,
+        hand_batched: bool = True,
+        memory_budget: int | None = None,
     ) -> None:
         if has_running_stats(model):
             raise FltoolError(
@@ -106,6 +113,8 @@ class VectorizedEngine:
         self.model = model
         self.seed = seed
         self.max_parallel_clients = max_parallel_clients
+        self.memory_budget = memory_budget  # bytes per chunk when sizing automatically; None: per device
+        self._chunk_sizes: dict[tuple[int, ...], int] = {}
         self.apply_fn = make_apply_fn(model)
         # plain conv/MLP stacks get the hand-batched forward (see batched_nets); others vmap
         self.batched_apply = make_batched_apply(model) if hand_batched and supports(model) else None
@@ -142,13 +151,26 @@ class VectorizedEngine:
         weighted = WeightedSum(global_params)
         loss_sum = torch.zeros((), device=global_params[0].device)
         self.model.train()
-        for chunk in chunks(clients, self.max_parallel_clients):
+        for chunk in chunks(clients, self.chunk_size(global_params, clients, rule)):
             params, ce_sums, plan = self.train_chunk(global_params, chunk, rule, round_)
             weighted.add_stacked(params, plan.n)
             # as in the sequential engine: n_k * (mean minibatch cross-entropy of client k)
             per_step = torch.tensor([n / s for n, s in zip(plan.n, plan.steps)], device=ce_sums.device)
             loss_sum = loss_sum + (ce_sums * per_step).sum()
         return CohortResult(weighted, loss_sum)
+
+    def chunk_size(self, global_params: Sequence[Tensor], clients: Sequence[ClientData], rule: LocalRule) -> int:
+        """`max_parallel_clients`, or as many clients as the memory budget holds at the
+        cohort's widest batch (measured once per batch shape)."""
+        if self.max_parallel_clients is not None:
+            return self.max_parallel_clients
+        widest = max(clients, key=lambda c: c.n)
+        width = widest.n if rule.batch_size is None else min(rule.batch_size, widest.n)
+        key = (width, *widest.x.shape[1:])
+        if key not in self._chunk_sizes:
+            x, y = widest.x[:width], widest.y[:width]
+            self._chunk_sizes[key] = auto_chunk_size(self.apply_fn, global_params, x, y, self.memory_budget)
+        return min(self._chunk_sizes[key], len(clients))
 
     def train_chunk(
         self, global_params: Sequence[Tensor], clients: Sequence[ClientData], rule: LocalRule, round_: int

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import torch
 
-from fltool.algorithms import server_update, weighted_average
+from fltool.algorithms import WeightedSum, server_update, weighted_average
+from fltool.algorithms.aggregate import client_weighted_sum
 from fltool.algorithms.sampling import cohort_size, generator_for, sample_clients
 
 
@@ -14,6 +15,22 @@ def test_weighted_average_equals_hand_computation():
     # n = 1000: 0.1*w1 + 0.3*w2 + 0.6*w3
     assert torch.allclose(avg[0], torch.tensor([0.1 * 1 + 0.3 * 3 + 0.6 * 5, 0.1 * 2 + 0.3 * 6 + 0.6 * 0]))
     assert torch.allclose(avg[1], torch.tensor([[0.1 * 10 + 0.3 * 20 + 0.6 * 40]]))
+
+
+def test_stacked_sum_in_any_layout_equals_the_per_client_sum():
+    """A batched engine's stacks can hold per-client transposed matrices; the sum must
+    read them by index, not by memory order."""
+    g = torch.Generator().manual_seed(0)
+    weights = torch.tensor([1.0, 3.0, 6.0])
+    plain = torch.randn(3, 4, 5, generator=g)
+    transposed = torch.randn(3, 5, 4, generator=g).transpose(1, 2)  # (3, 4, 5), strides (20, 1, 4)
+    sliced = torch.randn(3, 4, 10, generator=g)[:, :, ::2]  # not dense: the fallback path
+    for stack in (plain, transposed, sliced, torch.randn(3, 7, generator=g)):
+        expected = sum(w * s for w, s in zip(weights, stack))
+        torch.testing.assert_close(client_weighted_sum(weights, stack), expected)
+    acc = WeightedSum([torch.zeros(4, 5)])
+    acc.add_stacked([transposed], [1.0, 3.0, 6.0])
+    torch.testing.assert_close(acc.average()[0], sum(w * s for w, s in zip(weights, transposed)) / 10)
 
 
 def test_server_update_interpolates_with_server_lr():

@@ -11,6 +11,7 @@ from torch import nn
 from fltool.algorithms import LocalRule
 from fltool.config import config_from_dict
 from fltool.engine.batched_nets import make_batched_apply, supports
+from fltool.engine.chunking import auto_chunk_size, step_bytes_per_client
 from fltool.engine.checkpoint import load_checkpoint
 from fltool.engine.cohort import ClientData, SequentialEngine, make_apply_fn, make_engine
 from fltool.engine.federated import train_federated
@@ -172,3 +173,50 @@ def test_training_run_matches_sequential(tmp_path: Path, mode: str) -> None:
 def test_max_parallel_clients_is_validated() -> None:
     with pytest.raises(FltoolError, match="max_parallel_clients"):
         config_from_dict({"federated": {"max_parallel_clients": 0}}, "test")
+
+
+def test_auto_chunk_size_fits_the_memory_budget() -> None:
+    torch.manual_seed(0)
+    model = build_model("cnn_small", (1, 8, 8), 10)
+    clients, params = make_clients((1, 8, 8)), global_params(model)
+    x, y = clients[3].x[:5], clients[3].y[:5]
+    per_client = step_bytes_per_client(make_apply_fn(model), params, x, y)
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    assert per_client > 2 * param_bytes  # parameters, gradients, and saved activations
+    assert step_bytes_per_client(make_apply_fn(model), params, clients[3].x[:10], clients[3].y[:10]) > per_client
+    assert auto_chunk_size(make_apply_fn(model), params, x, y, budget=3 * per_client + 1) == 3
+    assert auto_chunk_size(make_apply_fn(model), params, x, y, budget=1) == 1
+
+
+def test_engine_sizes_chunks_to_its_budget_and_keeps_the_math() -> None:
+    """With max_parallel_clients unset, the budget decides the chunks; the result stays
+    the sequential engine's, and the probe does not disturb the random state."""
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10)
+    clients, params = make_clients((1, 8, 8)), global_params(model)
+    rule = RULES["fedprox"]
+    per_client = step_bytes_per_client(make_apply_fn(model), params, clients[3].x[:5], clients[3].y[:5])
+    vec = VectorizedEngine(model, seed=3, memory_budget=2 * per_client)
+    assert vec.chunk_size(params, clients, rule) == 2
+    assert VectorizedEngine(model, seed=3).chunk_size(params, clients, rule) == len(clients)  # tiny model, CPU budget
+    assert VectorizedEngine(model, seed=3, max_parallel_clients=4).chunk_size(params, clients, rule) == 4
+    result = vec.train_cohort(params, clients, rule, 2)
+    seq = SequentialEngine(model, seed=3).train_cohort(params, clients, rule, 2)
+    assert_same(result.weighted.average(), seq.weighted.average())
+
+
+def test_chunk_probe_leaves_the_random_state_alone() -> None:
+    model = build_model("cnn_cifar", (3, 8, 8), 10).train()  # has dropout
+    clients, params = make_clients((3, 8, 8), [6, 9]), global_params(model)
+    state = torch.get_rng_state()
+    VectorizedEngine(model, seed=0).chunk_size(params, clients, RULES["fedavg"])
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_chunk_probe_counts_the_batch_not_the_dataset_it_is_sliced_from() -> None:
+    model = build_model("mlp", (1, 8, 8), 10)
+    params = global_params(model)
+    dataset_x, dataset_y = torch.randn(5000, 1, 8, 8), torch.randint(10, (5000,))
+    sliced = step_bytes_per_client(make_apply_fn(model), params, dataset_x[:5], dataset_y[:5])
+    copied = step_bytes_per_client(make_apply_fn(model), params, dataset_x[:5].clone(), dataset_y[:5].clone())
+    assert sliced == copied
