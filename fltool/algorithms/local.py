@@ -39,14 +39,20 @@ def steps_per_epoch(n: int, batch_size: int | None) -> int:
     return 1 if batch_size is None else -(-n // batch_size)
 
 
-def batch_schedule(n: int, rule: LocalRule, generator: torch.Generator) -> list[Tensor]:
-    """Index batches for all local epochs: a fresh permutation per epoch, last batch partial."""
+def epoch_orders(n: int, rule: LocalRule, generator: torch.Generator) -> Tensor:
+    """(epochs, n): the order in which each local epoch visits the n examples, a fresh
+    permutation per epoch (in order for full-batch steps, which draw nothing)."""
     if rule.batch_size is None:
-        return [torch.arange(n)] * rule.epochs
-    batches: list[Tensor] = []
-    for _ in range(rule.epochs):
-        batches.extend(torch.randperm(n, generator=generator).split(rule.batch_size))
-    return batches
+        return torch.arange(n).expand(rule.epochs, n)
+    return torch.stack([torch.randperm(n, generator=generator) for _ in range(rule.epochs)])
+
+
+def batch_schedule(n: int, rule: LocalRule, generator: torch.Generator) -> list[Tensor]:
+    """Index batches for all local epochs: each epoch's order cut into batches, last batch partial."""
+    orders = epoch_orders(n, rule, generator)
+    if rule.batch_size is None:
+        return list(orders)
+    return [batch for order in orders for batch in order.split(rule.batch_size)]
 
 
 def proximal_term(params: Sequence[Tensor], anchor: Sequence[Tensor], mu: float) -> Tensor:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fltool.algorithms import LocalRule, WeightedSum, batch_schedule, client_update, derive_seed
-from fltool.algorithms.local import ApplyFn
+from fltool.algorithms.local import ApplyFn, epoch_orders
 from fltool.algorithms.sampling import generator_for
 
 if TYPE_CHECKING:
@@ -42,6 +42,11 @@ class CohortResult:
 def client_batches(seed: int, round_: int, client_id: int, n: int, rule: LocalRule) -> list[Tensor]:
     """The minibatch schedule of one client in one round; every engine uses exactly this."""
     return batch_schedule(n, rule, generator_for(seed, "batches", round_, client_id))
+
+
+def client_epoch_orders(seed: int, round_: int, client_id: int, n: int, rule: LocalRule) -> Tensor:
+    """(epochs, n): the same draws as `client_batches`, before they are cut into batches."""
+    return epoch_orders(n, rule, generator_for(seed, "batches", round_, client_id))
 
 
 def client_dropout_seed(seed: int, round_: int, client_id: int) -> int:

@@ -43,7 +43,7 @@ from fltool.algorithms import LocalRule, WeightedSum, derive_seed
 from fltool.algorithms.local import local_objective
 from fltool.engine.batched_nets import make_batched_apply, supports
 from fltool.engine.chunking import auto_chunk_size
-from fltool.engine.cohort import ClientData, CohortResult, client_batches, make_apply_fn
+from fltool.engine.cohort import ClientData, CohortResult, client_epoch_orders, make_apply_fn
 from fltool.engine.setup import has_running_stats
 from fltool.errors import FltoolError
 
@@ -63,16 +63,16 @@ class ChunkPlan:
 
 
 def plan_chunk(seed: int, round_: int, clients: Sequence[ClientData], rule: LocalRule, device: torch.device) -> ChunkPlan:
-    schedules = [client_batches(seed, round_, c.id, c.n, rule) for c in clients]
-    # (steps_m, width_m) per client, -1 marks padding of a partial last batch
-    padded = [pad_sequence(list(s), batch_first=True, padding_value=-1) for s in schedules]
-    steps = max(p.shape[0] for p in padded)
-    width = max(p.shape[1] for p in padded)
-    index = torch.full((steps, len(clients), width), -1, dtype=torch.long)
-    offset = 0
-    for m, (client, p) in enumerate(zip(clients, padded, strict=True)):
-        index[: p.shape[0], m, : p.shape[1]] = torch.where(p >= 0, p + offset, -1)
+    n_max = max(c.n for c in clients)
+    width = n_max if rule.batch_size is None else min(rule.batch_size, n_max)
+    rows, offset = [], 0  # per client (steps_m, width): its batches, -1 padding a partial last one
+    for client in clients:
+        orders = client_epoch_orders(seed, round_, client.id, client.n, rule)
+        padded = torch.full((rule.epochs, -(-client.n // width) * width), -1, dtype=torch.long)
+        padded[:, : client.n] = orders + offset
+        rows.append(padded.view(-1, width))
         offset += client.n
+    index = pad_sequence(rows, padding_value=-1)  # (steps, M, width)
     mask = index >= 0
     active = mask.any(dim=2)
     return ChunkPlan(
@@ -80,7 +80,7 @@ def plan_chunk(seed: int, round_: int, clients: Sequence[ClientData], rule: Loca
         mask=mask.to(device=device, dtype=torch.float32, non_blocking=True),
         active=active.to(device=device, dtype=torch.float32, non_blocking=True),
         n=[c.n for c in clients],
-        steps=[p.shape[0] for p in padded],
+        steps=[r.shape[0] for r in rows],
     )
 
 

@@ -13,7 +13,7 @@ from fltool.config import config_from_dict
 from fltool.engine.batched_nets import make_batched_apply, supports
 from fltool.engine.chunking import auto_chunk_size, step_bytes_per_client
 from fltool.engine.checkpoint import load_checkpoint
-from fltool.engine.cohort import ClientData, SequentialEngine, make_apply_fn, make_engine
+from fltool.engine.cohort import ClientData, SequentialEngine, client_batches, make_apply_fn, make_engine
 from fltool.engine.federated import train_federated
 from fltool.engine.rundir import last_checkpoint
 from fltool.engine.vectorized import VectorizedEngine, chunks, plan_chunk
@@ -112,6 +112,19 @@ def test_plan_masks_padding_and_finished_clients() -> None:
     assert plan.active.tolist() == [[1.0, 1.0], [1.0, 0.0]]
     real = plan.index[plan.mask.bool()]
     assert sorted(real.tolist()) == list(range(10))  # every example once, client 1 offset by 7
+
+
+@pytest.mark.parametrize("mode", RULES)
+def test_plan_follows_each_clients_sequential_schedule(mode: str) -> None:
+    clients, rule = make_clients((2,)), RULES[mode]
+    plan = plan_chunk(4, 3, clients, rule, torch.device("cpu"))
+    offset = 0
+    for m, client in enumerate(clients):
+        expected = [b + offset for b in client_batches(4, 3, client.id, client.n, rule)]
+        planned = [plan.index[s, m][plan.mask[s, m].bool()] for s in range(plan.steps[m])]
+        assert len(planned) == len(expected) and all(torch.equal(a, b) for a, b in zip(planned, expected))
+        assert plan.active[plan.steps[m] :, m].sum() == 0
+        offset += client.n
 
 
 def test_auto_picks_vectorized_unless_running_stats() -> None:
