@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fltool.devices import host_to_device
+
 
 class WeightedSum:
     """Streams sum_k n_k * w_k so that a cohort never needs all client models at once.
@@ -25,7 +27,8 @@ class WeightedSum:
 
     def add_stacked(self, stacked: Sequence[Tensor], weights: Sequence[float]) -> None:
         """Add sum_k weights[k] * w_k for client-stacked tensors (client k along dim 0)."""
-        w = torch.tensor([float(v) for v in weights], dtype=self.sums[0].dtype, device=self.sums[0].device)
+        like = self.sums[0]
+        w = host_to_device(torch.tensor([float(v) for v in weights], dtype=like.dtype), like.device)
         for acc, s in zip(self.sums, stacked, strict=True):
             acc.add_(client_weighted_sum(w, s))
         self.total += float(sum(weights))

@@ -45,6 +45,7 @@ from fltool.engine.batched_nets import make_batched_apply, supports
 from fltool.engine.chunking import auto_chunk_size
 from fltool.engine.cohort import ClientData, CohortResult, client_epoch_orders, make_apply_fn
 from fltool.engine.setup import has_running_stats
+from fltool.devices import host_to_device
 from fltool.errors import FltoolError
 
 # (stacked params, anchor, x (M,B,...), y (M,B), mask (M,B)) -> (loss (M,), ce (M,))
@@ -76,9 +77,9 @@ def plan_chunk(seed: int, round_: int, clients: Sequence[ClientData], rule: Loca
     mask = index >= 0
     active = mask.any(dim=2)
     return ChunkPlan(
-        index=index.clamp_min(0).to(device, non_blocking=True),
-        mask=mask.to(device=device, dtype=torch.float32, non_blocking=True),
-        active=active.to(device=device, dtype=torch.float32, non_blocking=True),
+        index=host_to_device(index.clamp_min(0), device),
+        mask=host_to_device(mask.float(), device),
+        active=host_to_device(active.float(), device),
         n=[c.n for c in clients],
         steps=[r.shape[0] for r in rows],
     )
@@ -155,7 +156,7 @@ class VectorizedEngine:
             params, ce_sums, plan = self.train_chunk(global_params, chunk, rule, round_)
             weighted.add_stacked(params, plan.n)
             # as in the sequential engine: n_k * (mean minibatch cross-entropy of client k)
-            per_step = torch.tensor([n / s for n, s in zip(plan.n, plan.steps)], device=ce_sums.device)
+            per_step = host_to_device(torch.tensor([n / s for n, s in zip(plan.n, plan.steps)]), ce_sums.device)
             loss_sum = loss_sum + (ce_sums * per_step).sum()
         return CohortResult(weighted, loss_sum)
 
