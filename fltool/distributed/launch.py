@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fltool.config import Config, load_config
+from fltool.config import Config, dump_config, load_config
 from fltool.distributed.comm import TORCHRUN_ENV, resolve_backend, under_torchrun
+from fltool.engine.atomic import atomic_write_text
 from fltool.engine.rundir import CONFIG_FILE, create_run_dir
 from fltool.errors import FltoolError
 
@@ -86,15 +88,27 @@ def check_devices(cfg: Config, nproc: int, gpu_count: int | None = None) -> None
         )
 
 
+def check_shared_run_dir(cfg: Config, opts: LaunchOptions, resume: Path | None) -> None:
+    """Several nodes must agree on one run directory; a timestamped name would differ per node."""
+    if opts.nnodes > 1 and resume is None and not cfg.output.run_dir:
+        raise FltoolError(
+            "launch: --nnodes > 1 needs output.run_dir=PATH, one directory on a filesystem every node "
+            "shares (each node would otherwise create its own timestamped run directory)"
+        )
+
+
 def torchrun_args(opts: LaunchOptions, run_dir: Path | str, rdzv_id: str) -> list[str]:
-    """The torchrun command line (without the program name) for this launch."""
+    """The torchrun command line (without the program name) for this launch.
+
+    With c10d rendezvous, torchrun assigns node ranks itself (it ignores --node-rank), so
+    it is not passed; fltool uses the node rank only to decide which node creates the
+    run directory."""
     args = [f"--nproc-per-node={opts.nproc}"]
     if opts.nnodes == 1 and not opts.rdzv_endpoint:
         args.append("--standalone")  # c10d rendezvous on a free port: launches never collide
     else:
         args += [
             f"--nnodes={opts.nnodes}",
-            f"--node-rank={opts.node_rank}",
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={opts.rdzv_endpoint}",
             f"--rdzv-id={rdzv_id}",
@@ -126,6 +140,7 @@ def prepare(
             raise FltoolError("launch: missing CONFIG; usage: fltool launch --nproc N CONFIG.yaml [key=value ...]")
         cfg = load_config(config, overrides)
     check_devices(cfg, opts.nproc)
+    check_shared_run_dir(cfg, opts, resume)
     return cfg, resume
 
 
@@ -149,12 +164,7 @@ def launch(cfg: Config, opts: LaunchOptions, resume: Path | None = None) -> Path
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    run_dir = resume if resume is not None else create_run_dir(cfg)
-    if resume is not None:  # the workers read the run directory's config: keep it current
-        from fltool.config import dump_config
-        from fltool.engine.atomic import atomic_write_text
-
-        atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
+    run_dir = node_run_dir(cfg, opts, resume)
     # The agent logs each dead worker at ERROR level; `failure_summary` reports it once.
     agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
     level = agent_log.level
@@ -168,6 +178,39 @@ def launch(cfg: Config, opts: LaunchOptions, resume: Path | None = None) -> Path
         raise LaunchInterrupted(str(run_dir)) from None
     finally:
         agent_log.setLevel(level)
+    return run_dir
+
+
+def node_run_dir(cfg: Config, opts: LaunchOptions, resume: Path | None) -> Path:
+    """The run directory every rank reads its config from.
+
+    Node 0 creates it (fresh, never overwritten); the other nodes of a multi-node launch
+    wait until node 0's resolved config is there and check it equals their own.
+    """
+    if resume is not None:  # the workers read the run directory's config: keep it current
+        atomic_write_text(resume / CONFIG_FILE, dump_config(cfg))
+        return resume
+    if opts.node_rank == 0:
+        return create_run_dir(cfg)
+    return await_run_dir(cfg, timeout_s=cfg.ddp.timeout_s)
+
+
+def await_run_dir(cfg: Config, timeout_s: float, poll_s: float = 0.2) -> Path:
+    run_dir = Path(cfg.output.run_dir or "")
+    config_file = run_dir / CONFIG_FILE
+    deadline = time.monotonic() + timeout_s
+    while not config_file.is_file():
+        if time.monotonic() > deadline:
+            raise FltoolError(
+                f"output.run_dir: {config_file} did not appear within {timeout_s} s; start node 0 "
+                "(--node-rank 0) too, with the directory on a filesystem every node shares"
+            )
+        time.sleep(poll_s)
+    if config_file.read_text() != dump_config(cfg):
+        raise FltoolError(
+            f"{config_file}: node 0 resolved a different config than this node; "
+            "launch every node with the same config file and overrides"
+        )
     return run_dir
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from fltool.config import config_from_dict, load_config
 from fltool.distributed.launch import check_devices
 from fltool.engine.checkpoint import load_checkpoint
 from fltool.engine.metrics import read_metrics
+from fltool.engine.rundir import create_run_dir
 from fltool.engine.runner import start_run
 from fltool.errors import FltoolError
 from fltool.ui import PlainReporter
@@ -120,8 +122,8 @@ def test_two_concurrent_launches_do_not_collide(tmp_path):
     assert_same_model(load_model(tmp_path / "a"), load_model(tmp_path / "b"), atol=0)
 
 
-def test_federated_launch_equals_single_process_train(tmp_path):
-    raw = {
+def _federated_config() -> dict:
+    return {
         "name": "fed",
         "mode": "fedavg",
         "seed": 1,
@@ -134,6 +136,10 @@ def test_federated_launch_equals_single_process_train(tmp_path):
         "federated": {"num_clients": 10, "fraction": 0.5, "rounds": 3, "batch_size": 10, "lr": 0.1},
         "ddp": {"timeout_s": 30},
     }
+
+
+def test_federated_launch_equals_single_process_train(tmp_path):
+    raw = _federated_config()
     ref = _single_process(tmp_path / "single", raw)
     overrides = [f"{k}={v}" for k, v in {
         "data.dataset": "synthetic", "data.synthetic.train_size": 400, "data.synthetic.test_size": 100,
@@ -152,6 +158,53 @@ def test_federated_launch_equals_single_process_train(tmp_path):
     assert [r["test_accuracy"] for r in two] == pytest.approx([r["test_accuracy"] for r in one])
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_nodes_share_one_run_dir_and_equal_one_process(tmp_path):
+    """Two `launch --nnodes 2` on one host stand in for two nodes. Node 1 starts first
+    and must wait for node 0 to create the run directory."""
+    raw = _federated_config()
+    ref = _single_process(tmp_path / "single", raw)
+    cfg = write_config(tmp_path / "fed.yaml", raw)
+    run_dir = tmp_path / "shared_run"
+    rdzv = f"127.0.0.1:{_free_port()}"
+    procs = []
+    for node in (1, 0):
+        cmd = fltool_cmd(
+            "launch", "--nproc", "1", "--nnodes", "2", "--node-rank", str(node), "--rdzv-endpoint", rdzv,
+            str(cfg), f"output.run_dir={run_dir}",
+        )
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        time.sleep(1.5 if node == 1 else 0)
+    for proc in procs:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+    assert_same_model(load_model(run_dir), load_model(ref))
+    assert [r["round"] for r in read_metrics(run_dir)] == [1, 2, 3]
+
+
+def test_multi_node_launch_needs_a_shared_run_dir_and_equal_configs(tmp_path):
+    cfg = write_config(tmp_path / "fed.yaml", {**_federated_config(), "output": {"dir": str(tmp_path / "runs")}})
+    node = ["launch", "--nproc", "1", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "127.0.0.1:1"]
+    no_dir = run_cli(*node, str(cfg), cwd=tmp_path)
+    assert no_dir.returncode == 2 and "--nnodes > 1 needs output.run_dir=PATH" in no_dir.stderr
+    assert len(no_dir.stderr.splitlines()) == 1
+
+    run_dir = tmp_path / "shared"
+    late = run_cli(*node, str(cfg), f"output.run_dir={run_dir}", "ddp.timeout_s=1", cwd=tmp_path)
+    assert late.returncode == 2 and "did not appear within 1 s; start node 0" in late.stderr
+
+    node0 = load_config(cfg, [f"output.run_dir={run_dir}", "ddp.timeout_s=1"])
+    create_run_dir(node0)  # what node 0 writes; this node was given another lr
+    differs = run_cli(*node, str(cfg), f"output.run_dir={run_dir}", "ddp.timeout_s=1", "federated.lr=0.5", cwd=tmp_path)
+    assert differs.returncode == 2 and "node 0 resolved a different config" in differs.stderr
+    assert not (run_dir / "torchrun").exists()  # no worker started
+
+
 def test_dry_run_prints_the_torchrun_command_and_creates_nothing(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", {**ddp_config(), "output": {"dir": str(tmp_path / "runs")}})
     single = run_cli("launch", "--nproc", "2", "--dry-run", str(cfg), cwd=tmp_path)
@@ -160,12 +213,14 @@ def test_dry_run_prints_the_torchrun_command_and_creates_nothing(tmp_path):
     assert "--module fltool.distributed.worker" in single.stdout
     multi = run_cli(
         "launch", "--nproc", "2", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "head:29400",
-        "--max-restarts", "3", "--dry-run", str(cfg), cwd=tmp_path,
+        "--max-restarts", "3", "--dry-run", str(cfg), "output.run_dir=/shared/runs/exp1", cwd=tmp_path,
     )
     assert multi.returncode == 0, multi.stderr
-    flags = ("--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=head:29400", "--max-restarts=3")
+    assert multi.stdout.rstrip().endswith("--module fltool.distributed.worker /shared/runs/exp1")
+    flags = ("--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=head:29400", "--max-restarts=3")
     for flag in flags:
         assert flag in multi.stdout
+    assert "--node-rank" not in multi.stdout  # c10d assigns node ranks itself
     assert not (tmp_path / "runs").exists()
 
 
