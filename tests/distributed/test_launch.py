@@ -164,27 +164,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_nodes_share_one_run_dir_and_equal_one_process(tmp_path):
+def test_two_nodes_share_one_run_dir_restart_together_and_equal_one_process(reference, tmp_path):
     """Two `launch --nnodes 2` on one host stand in for two nodes. Node 1 starts first
-    and must wait for node 0 to create the run directory."""
-    raw = _federated_config()
-    ref = _single_process(tmp_path / "single", raw)
-    cfg = write_config(tmp_path / "fed.yaml", raw)
+    and waits for node 0 to create the run directory; a worker killed at epoch 2 makes
+    both nodes' agents restart, and the run resumes from the shared checkpoint."""
+    cfg = write_config(tmp_path / "ddp.yaml", ddp_config(batch_size=16))
     run_dir = tmp_path / "shared_run"
     rdzv = f"127.0.0.1:{_free_port()}"
     procs = []
     for node in (1, 0):
         cmd = fltool_cmd(
             "launch", "--nproc", "1", "--nnodes", "2", "--node-rank", str(node), "--rdzv-endpoint", rdzv,
-            str(cfg), f"output.run_dir={run_dir}",
+            "--max-restarts", "1", str(cfg), f"output.run_dir={run_dir}",
         )
-        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = cli_env(FLTOOL_FAULT_AT_EPOCH="2")
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         time.sleep(1.5 if node == 1 else 0)
     for proc in procs:
         _, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err
-    assert_same_model(load_model(run_dir), load_model(ref))
-    assert [r["round"] for r in read_metrics(run_dir)] == [1, 2, 3]
+    assert (run_dir / ".fault_injected").read_text().startswith("exit at epoch 2 on rank 1")
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [1, 2, 3]
+    assert_same_model(load_model(run_dir), load_model(reference))
 
 
 def test_multi_node_launch_needs_a_shared_run_dir_and_equal_configs(tmp_path):
