@@ -17,6 +17,7 @@ from torch.func import functional_call
 from fltool.algorithms import LocalRule, WeightedSum, batch_schedule, client_update, derive_seed
 from fltool.algorithms.local import ApplyFn, epoch_orders
 from fltool.algorithms.sampling import generator_for
+from fltool.devices import host_to_device
 
 if TYPE_CHECKING:
     from fltool.engine.vectorized import VectorizedEngine
@@ -80,12 +81,20 @@ class SequentialEngine:
         loss_sum = torch.zeros((), device=global_params[0].device)
         self.model.train()
         for client in clients:
-            batches = client_batches(self.seed, round_, client.id, client.n, rule)
+            batches = batches_on(client_batches(self.seed, round_, client.id, client.n, rule), client.x.device)
             torch.manual_seed(client_dropout_seed(self.seed, round_, client.id))
             params, client_loss = client_update(self.apply_fn, global_params, client.x, client.y, rule, batches)
             weighted.add(params, client.n)
             loss_sum = loss_sum + client_loss * (client.n / len(batches))
         return CohortResult(weighted, loss_sum)
+
+
+def batches_on(batches: list[Tensor], device: torch.device) -> list[Tensor]:
+    """A client's whole schedule on `device` in one copy, not one blocking copy per step."""
+    if device.type == "cpu":
+        return batches
+    flat = host_to_device(torch.cat(batches), device)
+    return list(flat.split([b.numel() for b in batches]))
 
 
 def make_engine(

@@ -21,8 +21,9 @@ differs from `SequentialEngine`:
   models match the sequential engine in distribution, not bit for bit; they are still
   deterministic for a given seed and chunk size.
 - A cohort is trained in chunks of clients. `max_parallel_clients` fixes the chunk
-  size; null sizes chunks to a memory budget (see `chunking`). Chunks change only
-  float summation order (and dropout draws).
+  size; null sizes chunks to a memory budget (see `chunking`). A chunk that still runs
+  out of device memory is split in two and retried. Chunks change only float
+  summation order (and dropout draws).
 
 The whole schedule of a chunk is built on the host once (the same CPU generators as
 the sequential engine, so the two agree) and moved to the device in one copy; the step
@@ -116,6 +117,7 @@ class VectorizedEngine:
         self.max_parallel_clients = max_parallel_clients
         self.memory_budget = memory_budget  # bytes per chunk when sizing automatically; None: per device
         self._chunk_sizes: dict[tuple[int, ...], int] = {}
+        self.oom_cap: int | None = None  # set when a chunk ran out of device memory
         self.apply_fn = make_apply_fn(model)
         # plain conv/MLP stacks get the hand-batched forward (see batched_nets); others vmap
         self.batched_apply = make_batched_apply(model) if hand_batched and supports(model) else None
@@ -152,26 +154,47 @@ class VectorizedEngine:
         weighted = WeightedSum(global_params)
         loss_sum = torch.zeros((), device=global_params[0].device)
         self.model.train()
-        for chunk in chunks(clients, self.chunk_size(global_params, clients, rule)):
-            params, ce_sums, plan = self.train_chunk(global_params, chunk, rule, round_)
+        pending = chunks(clients, self.chunk_size(global_params, clients, rule))
+        while pending:
+            chunk = pending.pop(0)
+            try:
+                params, ce_sums, plan = self.train_chunk(global_params, chunk, rule, round_)
+            except torch.OutOfMemoryError:
+                if len(chunk) == 1:
+                    raise
+                out_of_memory = True
+            else:
+                out_of_memory = False
+            if out_of_memory:  # outside the handler, so the failed step's tensors are freed
+                pending = self.rechunk_after_oom(chunk, pending)
+                continue
             weighted.add_stacked(params, plan.n)
             # as in the sequential engine: n_k * (mean minibatch cross-entropy of client k)
             per_step = host_to_device(torch.tensor([n / s for n, s in zip(plan.n, plan.steps)]), ce_sums.device)
             loss_sum = loss_sum + (ce_sums * per_step).sum()
         return CohortResult(weighted, loss_sum)
 
+    def rechunk_after_oom(self, failed: list[ClientData], pending: list[list[ClientData]]) -> list[list[ClientData]]:
+        """The size estimate was too generous (other tenants, fragmentation): halve the
+        chunk size for the failed chunk, the rest of the round and the rest of the run.
+        Nothing of the failed chunk was added to the sums, so the math is unchanged."""
+        self.oom_cap = (len(failed) + 1) // 2
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return chunks([c for part in (failed, *pending) for c in part], self.oom_cap)
+
     def chunk_size(self, global_params: Sequence[Tensor], clients: Sequence[ClientData], rule: LocalRule) -> int:
         """`max_parallel_clients`, or as many clients as the memory budget holds at the
         cohort's widest batch (measured once per batch shape)."""
         if self.max_parallel_clients is not None:
-            return self.max_parallel_clients
+            return min(self.max_parallel_clients, self.oom_cap or self.max_parallel_clients)
         widest = max(clients, key=lambda c: c.n)
         width = widest.n if rule.batch_size is None else min(rule.batch_size, widest.n)
         key = (width, *widest.x.shape[1:])
         if key not in self._chunk_sizes:
             x, y = widest.x[:width], widest.y[:width]
             self._chunk_sizes[key] = auto_chunk_size(self.apply_fn, global_params, x, y, self.memory_budget)
-        return min(self._chunk_sizes[key], len(clients))
+        return min(self._chunk_sizes[key], self.oom_cap or len(clients), len(clients))
 
     def train_chunk(
         self, global_params: Sequence[Tensor], clients: Sequence[ClientData], rule: LocalRule, round_: int

@@ -233,3 +233,33 @@ def test_chunk_probe_counts_the_batch_not_the_dataset_it_is_sliced_from() -> Non
     sliced = step_bytes_per_client(make_apply_fn(model), params, dataset_x[:5], dataset_y[:5])
     copied = step_bytes_per_client(make_apply_fn(model), params, dataset_x[:5].clone(), dataset_y[:5].clone())
     assert sliced == copied
+
+
+def test_a_chunk_out_of_device_memory_is_split_and_retried(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10)
+    clients, params = make_clients((1, 8, 8)), global_params(model)
+    engine = VectorizedEngine(model, seed=3)
+    real_train_chunk, tried = engine.train_chunk, []
+
+    def small_memory(global_params, chunk, rule, round_):
+        tried.append(len(chunk))
+        if len(chunk) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_train_chunk(global_params, chunk, rule, round_)
+
+    monkeypatch.setattr(engine, "train_chunk", small_memory)
+    result = engine.train_cohort(params, clients, RULES["fedprox"], 2)
+    assert tried[:3] == [6, 3, 2] and max(tried[3:]) <= 2
+    assert engine.oom_cap == 2 and engine.chunk_size(params, clients, RULES["fedprox"]) == 2  # remembered
+    seq = SequentialEngine(model, seed=3).train_cohort(params, clients, RULES["fedprox"], 2)
+    assert result.weighted.total == sum(SIZES)
+    assert_same(result.weighted.average(), seq.weighted.average())
+    torch.testing.assert_close(result.loss_sum, seq.loss_sum, rtol=1e-5, atol=1e-4)
+
+    def no_memory(global_params, chunk, rule, round_):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(engine, "train_chunk", no_memory)
+    with pytest.raises(torch.OutOfMemoryError):  # one client that does not fit is the user's to see
+        engine.train_cohort(params, clients, RULES["fedprox"], 2)
