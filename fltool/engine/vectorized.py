@@ -42,11 +42,11 @@ from torch.nn.utils.rnn import pad_sequence
 
 from fltool.algorithms import LocalRule, WeightedSum, derive_seed
 from fltool.algorithms.local import local_objective
+from fltool.devices import host_to_device
 from fltool.engine.batched_nets import make_batched_apply, supports
 from fltool.engine.chunking import auto_chunk_size
 from fltool.engine.cohort import ClientData, CohortResult, client_epoch_orders, make_apply_fn
 from fltool.engine.setup import has_running_stats
-from fltool.devices import host_to_device
 from fltool.errors import FltoolError
 
 # (stacked params, anchor, x (M,B,...), y (M,B), mask (M,B)) -> (loss (M,), ce (M,))
