@@ -60,6 +60,35 @@ def proximal_term(params: Sequence[Tensor], anchor: Sequence[Tensor], mu: float)
     return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
 
 
+def masked_cross_entropy(logits: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean cross-entropy over the real examples of a batch.
+
+    logits (..., B, K), y and mask (..., B): any leading dims are clients, each reduced
+    on its own. `mask` (0/1 per example) lets a batched engine pad a partial last batch:
+    the mean is over the real examples only, so its gradient equals the unpadded one. An
+    all-zero mask gives zero.
+    """
+    if mask is None and logits.dim() == 2:
+        return F.cross_entropy(logits, y)
+    per_example = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none").view(y.shape)
+    if mask is None:
+        return per_example.mean(-1)
+    return (per_example * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+
+
+def add_proximal_gradient_(
+    grads: list[Tensor], params: Sequence[Tensor], anchor: Sequence[Tensor], mu: float, active: Tensor | None = None
+) -> None:
+    """grads += mu * (w - w_global), the gradient of `proximal_term`, without an autograd
+    graph. For client-stacked params (client dim 0, anchor without it), `active` (one
+    0/1 per client) keeps the term off clients whose schedule has ended."""
+    if active is None:
+        torch._foreach_add_(grads, torch._foreach_sub(list(params), list(anchor)), alpha=mu)
+        return
+    for g, p, a in zip(grads, params, anchor, strict=True):
+        g.add_((p - a) * active.view(-1, *[1] * a.dim()), alpha=mu)
+
+
 def local_objective(
     apply_fn: ApplyFn,
     params: Sequence[Tensor],
@@ -69,18 +98,10 @@ def local_objective(
     mu: float,
     mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(loss to differentiate, plain cross-entropy for reporting).
-
-    `mask` (0/1 per example) lets a batched engine pad a partial last batch: the
-    cross-entropy is then the mean over the real examples only, so its gradient equals
-    the unpadded one. An all-zero mask gives a zero cross-entropy.
-    """
-    logits = apply_fn(params, x)
-    if mask is None:
-        ce = F.cross_entropy(logits, y)
-    else:
-        per_example = F.cross_entropy(logits, y, reduction="none")
-        ce = (per_example * mask).sum() / mask.sum().clamp_min(1.0)
+    """(loss to differentiate, plain cross-entropy for reporting): the definition the
+    engines implement. They differentiate only the cross-entropy and add the proximal
+    term's gradient directly (`add_proximal_gradient_`); tests check the two agree."""
+    ce = masked_cross_entropy(apply_fn(params, x), y, mask)
     return (ce + proximal_term(params, anchor, mu) if mu > 0 else ce), ce
 
 
@@ -102,12 +123,11 @@ def client_update(
     loss_sum = torch.zeros((), device=x.device)
     for idx in batches:
         idx = idx.to(x.device, non_blocking=True)
-        ce = F.cross_entropy(apply_fn(params, x[idx]), y[idx])
+        ce = masked_cross_entropy(apply_fn(params, x[idx]), y[idx])
         grads = list(torch.autograd.grad(ce, params))
         with torch.no_grad():
             if rule.mu > 0:
-                # d/dw of mu/2 ||w - w_global||^2 (see `proximal_term`), added without an autograd graph.
-                torch._foreach_add_(grads, torch._foreach_sub(params, anchor), alpha=rule.mu)
+                add_proximal_gradient_(grads, params, anchor, rule.mu)
             torch._foreach_add_(params, grads, alpha=-rule.lr)
         loss_sum = loss_sum + ce.detach()
     return [p.detach() for p in params], loss_sum

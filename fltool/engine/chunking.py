@@ -10,7 +10,7 @@ allows:
   wide chunks fall out of cache and got slower. On the 2-core dev machine, the 2NN
   peaked at 10-40 clients per chunk (4,065 client-steps/s at 10 against 2,042 at 1,000)
   and the McMahan and CIFAR CNNs at 2 (185 against 139 at 10; 106 against 49 at 50).
-  48 MiB lands on those.
+  48 MiB lands on those (30 clients for the 2NN, 3 and 2 for the CNNs).
 `federated.max_parallel_clients` replaces the estimate with a fixed size.
 """
 

@@ -8,8 +8,9 @@ x 10 examples is microseconds of work), so fusing M clients into one kernel sequ
 is where the speed comes from on a GPU. On CPU the gain is removing per-client Python
 and optimizer overhead; conv-heavy models stay compute-bound there.
 
-The math is `local_objective` and the SGD step of `client_update`; only the batching
-differs from `SequentialEngine`:
+The math is `client_update`'s: the masked cross-entropy of `local_objective`, FedProx's
+gradient added directly, a plain SGD step. Only the batching differs from
+`SequentialEngine`:
 - Every client follows exactly its `client_batches` schedule (same seed, same order).
 - Clients differ in size, so each step's batches are padded to the widest one and
   masked: the cross-entropy is the mean over real examples only, so a partial last
@@ -41,7 +42,7 @@ from torch.func import vmap
 from torch.nn.utils.rnn import pad_sequence
 
 from fltool.algorithms import LocalRule, WeightedSum, derive_seed
-from fltool.algorithms.local import local_objective
+from fltool.algorithms.local import add_proximal_gradient_, masked_cross_entropy
 from fltool.devices import host_to_device
 from fltool.engine.batched_nets import make_batched_apply, supports
 from fltool.engine.chunking import auto_chunk_size
@@ -49,8 +50,8 @@ from fltool.engine.cohort import ClientData, CohortResult, client_epoch_orders, 
 from fltool.engine.setup import has_running_stats
 from fltool.errors import FltoolError
 
-# (stacked params, anchor, x (M,B,...), y (M,B), mask (M,B)) -> (loss (M,), ce (M,))
-BatchedObjective = Callable[[tuple[Tensor, ...], tuple[Tensor, ...], Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+# (stacked params, x (M,B,...), y (M,B), mask (M,B)) -> cross-entropy per client (M,)
+BatchedCrossEntropy = Callable[[tuple[Tensor, ...], Tensor, Tensor, Tensor], Tensor]
 
 
 @dataclass
@@ -121,32 +122,20 @@ class VectorizedEngine:
         self.apply_fn = make_apply_fn(model)
         # plain conv/MLP stacks get the hand-batched forward (see batched_nets); others vmap
         self.batched_apply = make_batched_apply(model) if hand_batched and supports(model) else None
-        self._objectives: dict[float, BatchedObjective] = {}
+        self.batched_cross_entropy = self.cross_entropy()
 
-    def objective(self, mu: float) -> BatchedObjective:
-        """`local_objective` mapped over the client dim of params, data and mask."""
-        if mu in self._objectives:
-            return self._objectives[mu]
-        if self.batched_apply is None:
-
-            def one_client(params, anchor, x, y, mask):
-                return local_objective(self.apply_fn, params, anchor, x, y, mu, mask)
-
-            objective = vmap(one_client, in_dims=(0, None, 0, 0, 0), randomness="different")
-        else:
-            # The network runs hand-batched; only the loss (cheap) is vmap'd, so the
-            # loss and FedProx term are still exactly `local_objective`.
-            def from_logits(params, anchor, logits, y, mask):
-                return local_objective(lambda _, z: z, params, anchor, logits, y, mu, mask)
-
-            loss_of_logits = vmap(from_logits, in_dims=(0, None, 0, 0, 0))
+    def cross_entropy(self) -> BatchedCrossEntropy:
+        """`masked_cross_entropy` of every client of the stack, (M,)."""
+        if self.batched_apply is not None:
+            # hand-batched network, and a loss that reduces per client on its own: no
+            # vmap, whose per-call dispatch cost more than a whole launch-bound step
             batched_apply = self.batched_apply
+            return lambda params, x, y, mask: masked_cross_entropy(batched_apply(params, x), y, mask)
 
-            def objective(params, anchor, x, y, mask):
-                return loss_of_logits(params, anchor, batched_apply(params, x), y, mask)
+        def one_client(params, x, y, mask):
+            return masked_cross_entropy(self.apply_fn(params, x), y, mask)
 
-        self._objectives[mu] = objective
-        return objective
+        return vmap(one_client, randomness="different")
 
     def train_cohort(
         self, global_params: Sequence[Tensor], clients: Sequence[ClientData], rule: LocalRule, round_: int
@@ -212,18 +201,19 @@ class VectorizedEngine:
         anchor = tuple(p.detach() for p in global_params)
         params = [p.detach().unsqueeze(0).repeat(m, *([1] * p.dim())).requires_grad_(True) for p in global_params]
         ce_sums = torch.zeros(m, device=device)
-        objective = self.objective(rule.mu)
         torch.manual_seed(derive_seed(self.seed, "dropout-chunk", round_, clients[0].id))
         for s in range(plan.index.shape[0]):
             idx = plan.index[s]
-            loss, ce = objective(tuple(params), anchor, x[idx], y[idx], plan.mask[s])
+            ce = self.batched_cross_entropy(tuple(params), x[idx], y[idx], plan.mask[s])
             # Clients' parameters are independent, so the gradient of the summed loss
             # w.r.t. the stack is every client's own gradient; weighting by `active`
-            # zeroes the step of a finished client (FedProx's term alone would move it).
-            grads = torch.autograd.grad((loss * plan.active[s]).sum(), params)
+            # zeroes the step of a finished client.
+            grads = list(torch.autograd.grad((ce * plan.active[s]).sum(), params))
             if s == 0:
                 params = match_layout(params, grads)
             with torch.no_grad():
+                if rule.mu > 0:  # FedProx's term alone would still move a finished client
+                    add_proximal_gradient_(grads, params, anchor, rule.mu, plan.active[s])
                 sgd_step(params, grads, rule.lr)
             ce_sums = ce_sums + ce.detach()  # a finished client's ce is 0 (all-masked)
         return [p.detach() for p in params], ce_sums, plan

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fltool.algorithms import LocalRule, batch_schedule, client_update, rule_for
-from fltool.algorithms.local import local_objective
+from fltool.algorithms.local import add_proximal_gradient_, local_objective, masked_cross_entropy, proximal_term
 from fltool.config.schema import FederatedConfig
 from fltool.engine.checkpoint import load_checkpoint
 from fltool.engine.cohort import make_apply_fn
@@ -92,6 +92,35 @@ def test_fedprox_gradient_carries_mu_times_drift():
         torch.testing.assert_close(gp - g0, mu * (p.detach() - a), rtol=1e-5, atol=1e-6)
     drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
     torch.testing.assert_close(prox_loss - ce, mu / 2 * drift)  # the square, with mu/2
+
+
+def test_added_proximal_gradient_is_the_autograd_gradient_of_the_term():
+    """What the engines add to the cross-entropy gradient, per client and stacked."""
+    g = torch.Generator().manual_seed(0)
+    anchor = [torch.randn(3, 4, generator=g), torch.randn(3, generator=g)]
+    stacked = [a + 0.1 * torch.randn(5, *a.shape, generator=g) for a in anchor]  # 5 clients
+    active = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    mu = 0.7
+    grads = [torch.zeros_like(p) for p in stacked]
+    add_proximal_gradient_(grads, stacked, anchor, mu, active)
+    for k in range(5):
+        params = [p[k].clone().requires_grad_(True) for p in stacked]
+        expected = torch.autograd.grad(proximal_term(params, anchor, mu), params)
+        one = [torch.zeros_like(p) for p in params]
+        add_proximal_gradient_(one, [p.detach() for p in params], anchor, mu)
+        for got, single, want in zip(grads, one, expected):
+            torch.testing.assert_close(single, want)
+            torch.testing.assert_close(got[k], want * active[k])
+
+
+def test_masked_cross_entropy_reduces_each_client_over_its_real_examples():
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(2, 4, 3, generator=g), torch.randint(3, (2, 4), generator=g)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    ce = masked_cross_entropy(logits, y, mask)
+    torch.testing.assert_close(ce[0], F.cross_entropy(logits[0, :3], y[0, :3]))
+    assert ce[1] == 0  # a client with no real example left
+    torch.testing.assert_close(masked_cross_entropy(logits, y), torch.stack([F.cross_entropy(z, t) for z, t in zip(logits, y)]))
 
 
 def test_client_update_is_plain_sgd_on_the_schedule():
