@@ -54,17 +54,21 @@ def make_batched_apply(model: nn.Sequential) -> BatchedApply:
 
     def apply(params: Sequence[Tensor], x: Tensor) -> Tensor:
         m = x.shape[0]
+        # oneDNN's grouped convolution ran ~25% faster in channels-last layout on CPU
+        # (McMahan CNN, 3 clients: 12.7 -> 9.8 ms forward+backward); on CUDA the default
+        # layout is kept, unmeasured
+        layout = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
         it: Iterator[Tensor] = iter(params)
         h, grouped = x, False
         for layer in layers:
             if isinstance(layer, nn.Conv2d):
                 if not grouped:
-                    h, grouped = _grouped(h, m), True
+                    h, grouped = _grouped(h, m).contiguous(memory_format=layout), True
                 w = next(it)
                 b = next(it) if layer.bias is not None else None
                 h = F.conv2d(
                     h,
-                    w.reshape(-1, *w.shape[2:]),
+                    w.reshape(-1, *w.shape[2:]).contiguous(memory_format=layout),
                     None if b is None else b.reshape(-1),
                     layer.stride,
                     layer.padding,
