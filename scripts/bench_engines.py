@@ -16,6 +16,8 @@ shows 0 for an engine that stays below an earlier peak.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import math
 import resource
 import sys
@@ -52,6 +54,7 @@ WORKLOADS = {
     "2nn": Workload("mlp", 100, 600, (1, 28, 28), 0.1, 1, 10),  # McMahan 2NN
     "cnn": Workload("cnn", 100, 600, (1, 28, 28), 0.1, 5, 10),  # McMahan CNN
     "2nn_1000": Workload("mlp", 1000, 60, (1, 28, 28), 1.0, 1, 10),  # 1,000-client cohort
+    "cnn_1000": Workload("cnn", 1000, 10, (1, 28, 28), 1.0, 1, 10),  # 1,000 CNN clients: needs chunking
     "cifar": Workload("cnn_cifar", 1000, 50, (3, 32, 32), 0.05, 1, 10),  # pfl-research CIFAR-10
 }
 
@@ -114,7 +117,15 @@ def _status_mib(field: str) -> float:
 
 
 def reset_peak_rss() -> float | None:
-    """Reset the kernel's peak-RSS mark; return the current RSS (MiB), or None if unsupported."""
+    """Reset the kernel's peak-RSS mark; return the current RSS (MiB), or None if unsupported.
+
+    Memory an earlier engine freed first goes back to the OS (glibc's malloc_trim):
+    otherwise the next engine reuses it without growing its RSS and shows 0."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
