@@ -183,7 +183,7 @@ def bench(name: str, w: Workload, args: argparse.Namespace, device: torch.device
                 textbook_round(w, model, cohorts[r])
 
         else:
-            engine = make_engine(engine_name, model, 0, args.max_parallel_clients)
+            engine = make_engine(engine_name, model, 0, args.max_parallel_clients, args.cuda_graphs)
 
             def run_round(r: int) -> None:
                 engine_round(engine, w, model, cohorts[r], r)
@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", choices=["synthetic", "mnist"], default="synthetic")
     parser.add_argument("--engines", nargs="+", default=["textbook", "sequential", "vectorized"])
     parser.add_argument("--max-parallel-clients", type=int, default=None, help="vectorized chunk size")
+    parser.add_argument(
+        "--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="vectorized: replay steps as CUDA graphs"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args(argv)
     if args.device == "auto":

@@ -65,6 +65,8 @@ class FederatedConfig:
     engine: Literal["sequential", "vectorized", "auto"] = "sequential"
     # vectorized engine: clients trained at once per chunk; null = the whole cohort
     max_parallel_clients: int | None = field(default=None, metadata=AT_LEAST_ONE)
+    # vectorized engine on CUDA: capture each chunk shape's local step once, replay it per step
+    cuda_graphs: bool = True
 
 
 @dataclass

@@ -98,7 +98,7 @@ def batches_on(batches: list[Tensor], device: torch.device) -> list[Tensor]:
 
 
 def make_engine(
-    name: str, model: nn.Module, seed: int, max_parallel_clients: int | None = None
+    name: str, model: nn.Module, seed: int, max_parallel_clients: int | None = None, cuda_graphs: bool = True
 ) -> SequentialEngine | VectorizedEngine:
     """`sequential`, `vectorized`, or `auto`: vectorized unless the model keeps BatchNorm
     running statistics (which one stacked forward pass cannot update per client)."""
@@ -108,7 +108,7 @@ def make_engine(
     if name == "auto":
         name = "sequential" if has_running_stats(model) else "vectorized"
     if name == "vectorized":
-        return VectorizedEngine(model, seed, max_parallel_clients)
+        return VectorizedEngine(model, seed, max_parallel_clients, cuda_graphs=cuda_graphs)
     if name == "sequential":
         return SequentialEngine(model, seed)
     raise ValueError(f"unknown engine {name!r}")

@@ -84,7 +84,8 @@ def train_federated(
     device = comm.device or resolve_device(cfg.device)
     dataset, clients = build_clients(cfg, device)
     model = seeded_model(cfg, dataset, device)
-    engine = make_engine(cfg.federated.engine, model, cfg.seed, cfg.federated.max_parallel_clients)
+    fed = cfg.federated
+    engine = make_engine(fed.engine, model, cfg.seed, fed.max_parallel_clients, fed.cuda_graphs)
     rule = rule_for(cfg.mode, cfg.federated)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 

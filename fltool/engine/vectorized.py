@@ -28,63 +28,31 @@ gradient added directly, a plain SGD step. Only the batching differs from
 
 The whole schedule of a chunk is built on the host once (the same CPU generators as
 the sequential engine, so the two agree) and moved to the device in one copy; the step
-loop then never synchronises with the host.
+loop then never synchronises with the host. On CUDA the step is captured once per chunk
+shape as a CUDA graph and replayed once per step (`step_graph`; `cuda_graphs=False`
+runs it eagerly): on an H100 that took the 2NN round from 100 ms to 8 ms.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import vmap
-from torch.nn.utils.rnn import pad_sequence
 
 from fltool.algorithms import LocalRule, WeightedSum, derive_seed
-from fltool.algorithms.local import add_proximal_gradient_, masked_cross_entropy
+from fltool.algorithms.local import masked_cross_entropy
 from fltool.devices import host_to_device
 from fltool.engine.batched_nets import make_batched_apply, supports
+from fltool.engine.batched_step import BatchedCrossEntropy, ChunkPlan, match_layout, plan_chunk, step_grads, step_update
 from fltool.engine.chunking import auto_chunk_size
-from fltool.engine.cohort import ClientData, CohortResult, client_epoch_orders, make_apply_fn
+from fltool.engine.cohort import ClientData, CohortResult, make_apply_fn
 from fltool.engine.setup import has_running_stats
+from fltool.engine.step_graph import StepGraphCache
 from fltool.errors import FltoolError
 
-# (stacked params, x (M,B,...), y (M,B), mask (M,B)) -> cross-entropy per client (M,)
-BatchedCrossEntropy = Callable[[tuple[Tensor, ...], Tensor, Tensor, Tensor], Tensor]
-
-
-@dataclass
-class ChunkPlan:
-    """One chunk's local steps, built on the host and moved to the device in one go."""
-
-    index: Tensor  # (steps, M, width) rows of the chunk's concatenated data
-    mask: Tensor  # (steps, M, width) 1.0 for a real example, 0.0 for padding
-    active: Tensor  # (steps, M) 1.0 while client m still has a batch at this step, else 0.0
-    n: list[int]  # examples per client
-    steps: list[int]  # local steps per client
-
-
-def plan_chunk(seed: int, round_: int, clients: Sequence[ClientData], rule: LocalRule, device: torch.device) -> ChunkPlan:
-    n_max = max(c.n for c in clients)
-    width = n_max if rule.batch_size is None else min(rule.batch_size, n_max)
-    rows, offset = [], 0  # per client (steps_m, width): its batches, -1 padding a partial last one
-    for client in clients:
-        orders = client_epoch_orders(seed, round_, client.id, client.n, rule)
-        padded = torch.full((rule.epochs, -(-client.n // width) * width), -1, dtype=torch.long)
-        padded[:, : client.n] = orders + offset
-        rows.append(padded.view(-1, width))
-        offset += client.n
-    index = pad_sequence(rows, padding_value=-1)  # (steps, M, width)
-    mask = index >= 0
-    active = mask.any(dim=2)
-    return ChunkPlan(
-        index=host_to_device(index.clamp_min(0), device),
-        mask=host_to_device(mask.float(), device),
-        active=host_to_device(active.float(), device),
-        n=[c.n for c in clients],
-        steps=[r.shape[0] for r in rows],
-    )
+__all__ = ["VectorizedEngine", "chunks", "plan_chunk"]
 
 
 def chunks(clients: Sequence[ClientData], size: int | None) -> list[list[ClientData]]:
@@ -107,6 +75,7 @@ class VectorizedEngine:
         max_parallel_clients: int | None = None,
         hand_batched: bool = True,
         memory_budget: int | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         if has_running_stats(model):
             raise FltoolError(
@@ -123,6 +92,8 @@ class VectorizedEngine:
         # plain conv/MLP stacks get the hand-batched forward (see batched_nets); others vmap
         self.batched_apply = make_batched_apply(model) if hand_batched and supports(model) else None
         self.batched_cross_entropy = self.cross_entropy()
+        # on CUDA, each chunk shape's step is captured once and replayed (see step_graph)
+        self.graphs = StepGraphCache(self.batched_cross_entropy) if cuda_graphs else None
 
     def cross_entropy(self) -> BatchedCrossEntropy:
         """`masked_cross_entropy` of every client of the stack, (M,)."""
@@ -168,6 +139,8 @@ class VectorizedEngine:
         chunk size for the failed chunk, the rest of the round and the rest of the run.
         Nothing of the failed chunk was added to the sums, so the math is unchanged."""
         self.oom_cap = (len(failed) + 1) // 2
+        if self.graphs is not None:
+            self.graphs.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return chunks([c for part in (failed, *pending) for c in part], self.oom_cap)
@@ -197,50 +170,17 @@ class VectorizedEngine:
         plan = plan_chunk(self.seed, round_, clients, rule, device)
         x = torch.cat([c.x for c in clients])
         y = torch.cat([c.y for c in clients])
-        m = len(clients)
-        anchor = tuple(p.detach() for p in global_params)
-        params = [p.detach().unsqueeze(0).repeat(m, *([1] * p.dim())).requires_grad_(True) for p in global_params]
-        ce_sums = torch.zeros(m, device=device)
         torch.manual_seed(derive_seed(self.seed, "dropout-chunk", round_, clients[0].id))
+        if self.graphs is not None and device.type == "cuda":
+            graph = self.graphs.get(rule, global_params, x, y, plan)
+            return (*graph.run(global_params, x, y, plan), plan)
+        anchor = [p.detach() for p in global_params]
+        params = [p.detach().unsqueeze(0).repeat(len(clients), *([1] * p.dim())).requires_grad_(True) for p in global_params]
+        ce_sums = torch.zeros(len(clients), device=device)
         for s in range(plan.index.shape[0]):
-            idx = plan.index[s]
-            ce = self.batched_cross_entropy(tuple(params), x[idx], y[idx], plan.mask[s])
-            # Clients' parameters are independent, so the gradient of the summed loss
-            # w.r.t. the stack is every client's own gradient; weighting by `active`
-            # zeroes the step of a finished client.
-            grads = list(torch.autograd.grad((ce * plan.active[s]).sum(), params))
+            ce, grads = step_grads(self.batched_cross_entropy, params, x, y, plan.index[s], plan.mask[s], plan.active[s])
             if s == 0:
                 params = match_layout(params, grads)
-            with torch.no_grad():
-                if rule.mu > 0:  # FedProx's term alone would still move a finished client
-                    add_proximal_gradient_(grads, params, anchor, rule.mu, plan.active[s])
-                sgd_step(params, grads, rule.lr)
-            ce_sums = ce_sums + ce.detach()  # a finished client's ce is 0 (all-masked)
+            step_update(params, grads, anchor, rule, plan.active[s])
+            ce_sums = ce_sums + ce.detach()
         return [p.detach() for p in params], ce_sums, plan
-
-
-def match_layout(params: list[Tensor], grads: Sequence[Tensor]) -> list[Tensor]:
-    """Give each stacked parameter the memory layout of its gradient.
-
-    The batched matmul behind a vmap'd Linear returns weight gradients as transposed
-    views; adding a transposed tensor in place is a cache-hostile strided loop that cost
-    more than the whole forward pass on CPU. With equal layouts the update is one linear
-    sweep. Values are unchanged, only strides.
-    """
-    out = []
-    for p, g in zip(params, grads, strict=True):
-        if p.stride() != g.stride():
-            # empty_like keeps g's strides when they are dense, else falls back to contiguous
-            p = torch.empty_like(g, dtype=p.dtype).copy_(p.detach()).requires_grad_(True)
-        out.append(p)
-    return out
-
-
-def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float) -> None:
-    """w_k <- w_k - lr * g_k for every client k in place (one fused foreach kernel).
-
-    Plain SGD keeps no state. A stateful optimizer would keep its state stacked like the
-    parameters (client dim 0) and also skip finished clients (a zero gradient is not
-    enough once there is momentum).
-    """
-    torch._foreach_add_(list(params), list(grads), alpha=-lr)

@@ -1,0 +1,105 @@
+"""One local step of a chunk of clients, shared by the eager loop and the CUDA graph.
+
+A chunk's whole schedule is planned on the host first (`plan_chunk`): every client
+follows exactly its `client_batches` schedule, padded to the widest batch and masked,
+so the masked mean cross-entropy gives a partial last batch the same gradient as in
+the sequential engine, and a client whose schedule has ended takes a zero step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+
+from fltool.algorithms import LocalRule
+from fltool.algorithms.local import add_proximal_gradient_
+from fltool.devices import host_to_device
+from fltool.engine.cohort import ClientData, client_epoch_orders
+
+# (stacked params, x (M,B,...), y (M,B), mask (M,B)) -> cross-entropy per client (M,)
+BatchedCrossEntropy = Callable[[tuple[Tensor, ...], Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass
+class ChunkPlan:
+    """One chunk's local steps, built on the host and moved to the device in one go."""
+
+    index: Tensor  # (steps, M, width) rows of the chunk's concatenated data
+    mask: Tensor  # (steps, M, width) 1.0 for a real example, 0.0 for padding
+    active: Tensor  # (steps, M) 1.0 while client m still has a batch at this step, else 0.0
+    n: list[int]  # examples per client
+    steps: list[int]  # local steps per client
+
+
+def plan_chunk(seed: int, round_: int, clients: Sequence[ClientData], rule: LocalRule, device: torch.device) -> ChunkPlan:
+    n_max = max(c.n for c in clients)
+    width = n_max if rule.batch_size is None else min(rule.batch_size, n_max)
+    rows, offset = [], 0  # per client (steps_m, width): its batches, -1 padding a partial last one
+    for client in clients:
+        orders = client_epoch_orders(seed, round_, client.id, client.n, rule)
+        padded = torch.full((rule.epochs, -(-client.n // width) * width), -1, dtype=torch.long)
+        padded[:, : client.n] = orders + offset
+        rows.append(padded.view(-1, width))
+        offset += client.n
+    index = pad_sequence(rows, padding_value=-1)  # (steps, M, width)
+    mask = index >= 0
+    active = mask.any(dim=2)
+    return ChunkPlan(
+        index=host_to_device(index.clamp_min(0), device),
+        mask=host_to_device(mask.float(), device),
+        active=host_to_device(active.float(), device),
+        n=[c.n for c in clients],
+        steps=[r.shape[0] for r in rows],
+    )
+
+
+def step_grads(
+    cross_entropy: BatchedCrossEntropy, params: Sequence[Tensor], x: Tensor, y: Tensor, idx: Tensor, mask: Tensor, active: Tensor
+) -> tuple[Tensor, list[Tensor]]:
+    """Each client's cross-entropy on its batch `idx` and its gradient, (M,) and stacked.
+
+    Clients' parameters are independent, so the gradient of the summed loss w.r.t. the
+    stack is every client's own gradient; weighting by `active` zeroes the step of a
+    finished client (whose all-masked ce is already 0)."""
+    ce = cross_entropy(tuple(params), x[idx], y[idx], mask)
+    return ce, list(torch.autograd.grad((ce * active).sum(), list(params)))
+
+
+@torch.no_grad()
+def step_update(params: Sequence[Tensor], grads: list[Tensor], anchor: Sequence[Tensor], rule: LocalRule, active: Tensor) -> None:
+    """The local rule's update in place: FedProx's gradient (kept off finished clients,
+    which the term alone would still move), then plain SGD."""
+    if rule.mu > 0:
+        add_proximal_gradient_(grads, params, anchor, rule.mu, active)
+    sgd_step(params, grads, rule.lr)
+
+
+def match_layout(params: list[Tensor], grads: Sequence[Tensor]) -> list[Tensor]:
+    """Give each stacked parameter the memory layout of its gradient.
+
+    The batched matmul behind a vmap'd Linear returns weight gradients as transposed
+    views; adding a transposed tensor in place is a cache-hostile strided loop that cost
+    more than the whole forward pass on CPU. With equal layouts the update is one linear
+    sweep. Values are unchanged, only strides.
+    """
+    out = []
+    for p, g in zip(params, grads, strict=True):
+        if p.stride() != g.stride():
+            # empty_like keeps g's strides when they are dense, else falls back to contiguous
+            p = torch.empty_like(g, dtype=p.dtype).copy_(p.detach()).requires_grad_(True)
+        out.append(p)
+    return out
+
+
+def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float) -> None:
+    """w_k <- w_k - lr * g_k for every client k in place (one fused foreach kernel).
+
+    Plain SGD keeps no state. A stateful optimizer would keep its state stacked like the
+    parameters (client dim 0) and also skip finished clients (a zero gradient is not
+    enough once there is momentum).
+    """
+    torch._foreach_add_(list(params), list(grads), alpha=-lr)
