@@ -72,10 +72,23 @@ def test_vmap_fallback_matches_sequential(mode: str) -> None:
     assert_same(vec.train_cohort(params, clients, RULES[mode], 2).weighted.average(), seq.weighted.average())
 
 
-@pytest.mark.parametrize("model_name,shape", [("mlp", (1, 8, 8)), ("cnn", (1, 12, 12)), ("cnn_cifar", (3, 10, 10))])
+ODD_CONVS = nn.Sequential(  # strides, padding, dilation, a non-square kernel, no bias
+    nn.Conv2d(2, 5, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), bias=False),
+    nn.ReLU(),
+    nn.MaxPool2d(2),
+    nn.Conv2d(5, 4, 3, padding=1),
+    nn.Flatten(),
+    nn.Linear(4 * 3 * 3, 10),
+)
+
+
+@pytest.mark.parametrize(
+    "model_name,shape", [("mlp", (1, 8, 8)), ("cnn", (1, 12, 12)), ("cnn_cifar", (3, 10, 10)), ("odd_convs", (2, 11, 8))]
+)
 def test_hand_batched_forward_equals_per_client_forward(model_name: str, shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
-    model = build_model(model_name, shape, 10).eval()  # eval: no dropout, so outputs are comparable
+    model = ODD_CONVS if model_name == "odd_convs" else build_model(model_name, shape, 10)
+    model.eval()  # eval: no dropout, so outputs are comparable
     assert supports(model)
     stacked = [torch.stack([p.detach() + 0.01 * k for k in range(3)]) for p in model.parameters()]
     x = torch.randn(3, 4, *shape)
