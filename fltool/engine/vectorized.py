@@ -92,8 +92,10 @@ class VectorizedEngine:
         # plain conv/MLP stacks get the hand-batched forward (see batched_nets); others vmap
         self.batched_apply = make_batched_apply(model) if hand_batched and supports(model) else None
         self.batched_cross_entropy = self.cross_entropy()
-        # on CUDA, each chunk shape's step is captured once and replayed (see step_graph)
-        self.graphs = StepGraphCache(self.batched_cross_entropy) if cuda_graphs else None
+        # on CUDA, each chunk shape's step is captured once and replayed (see step_graph);
+        # only the hand-batched step, the one tested under capture on a GPU
+        graphed = cuda_graphs and self.batched_apply is not None
+        self.graphs = StepGraphCache(self.batched_cross_entropy) if graphed else None
 
     def cross_entropy(self) -> BatchedCrossEntropy:
         """`masked_cross_entropy` of every client of the stack, (M,)."""
