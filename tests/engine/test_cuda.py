@@ -14,15 +14,14 @@ from fltool.algorithms import LocalRule
 from fltool.engine import step_graph
 from fltool.engine.checkpoint import load_checkpoint
 from fltool.engine.cohort import ClientData, SequentialEngine
-from fltool.engine.federated import train_federated
 from fltool.engine.metrics import read_metrics
-from fltool.engine.rundir import create_run_dir, last_checkpoint
+from fltool.engine.rundir import last_checkpoint
 from fltool.engine.runner import resume_run
 from fltool.engine.vectorized import VectorizedEngine
 from fltool.models import build_model
 from fltool.ui import PlainReporter
 
-from .test_federated import strip_timing
+from .test_federated import interrupted_run, run, strip_timing
 from .test_vectorized import RULES, SIZES, assert_same, global_params, make_clients
 
 pytestmark = pytest.mark.gpu
@@ -114,19 +113,8 @@ def test_graphed_dropout_model_is_deterministic_per_seed() -> None:
 
 def test_cuda_run_is_reproducible_and_resumes_to_the_same_model(make_config) -> None:
     cfg = make_config(device="cuda", data={"partition": "dirichlet"}, federated={"rounds": 4, "engine": "vectorized"})
-    runs = []
-    for _ in range(2):
-        run_dir = create_run_dir(cfg)
-        train_federated(cfg, run_dir)
-        runs.append(run_dir)
-
-    def interrupt_after_round_2(row: dict) -> None:
-        if row["round"] == 2:
-            raise KeyboardInterrupt
-
-    broken = create_run_dir(cfg)
-    with pytest.raises(KeyboardInterrupt):
-        train_federated(cfg, broken, on_round=interrupt_after_round_2)
+    runs = [run(cfg), run(cfg)]
+    broken = interrupted_run(cfg, after_round=2)
     resume_run(broken, [], PlainReporter())
     models = [load_checkpoint(last_checkpoint(d))["model"] for d in (*runs, broken)]
     for other in models[1:]:

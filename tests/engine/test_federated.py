@@ -69,17 +69,23 @@ def test_checkpoint_is_plain_data_loadable_with_weights_only(make_config):
     assert best["best_accuracy"] == max(r["test_accuracy"] for r in last["metrics"])
 
 
+def interrupted_run(cfg, after_round: int) -> Path:
+    """A run stopped by Ctrl-C once `after_round` is logged."""
+
+    def interrupt(row: dict) -> None:
+        if row["round"] == after_round:
+            raise KeyboardInterrupt
+
+    run_dir = create_run_dir(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train_federated(cfg, run_dir, on_round=interrupt)
+    return run_dir
+
+
 def test_resume_after_interrupt_equals_uninterrupted_run(make_config):
     cfg = make_config(federated={"rounds": 5}, data={"partition": "dirichlet"})
     full = run(cfg)
-
-    def interrupt_after_round_2(row: dict) -> None:
-        if row["round"] == 2:
-            raise KeyboardInterrupt
-
-    broken = create_run_dir(cfg)
-    with pytest.raises(KeyboardInterrupt):
-        train_federated(cfg, broken, on_round=interrupt_after_round_2)
+    broken = interrupted_run(cfg, after_round=2)
     assert load_checkpoint(last_checkpoint(broken))["round"] == 2  # last good checkpoint loads
 
     summary = resume_run(broken, [], PlainReporter())
