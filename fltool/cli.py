@@ -105,11 +105,14 @@ def launch(
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
         except LaunchInterrupted as exc:
-            typer.echo(
-                f"interrupted: the last checkpoint is intact; continue with "
-                f"`fltool launch --nproc {nproc} --resume {exc}`",
-                err=True,
-            )
+            if exc.resumable:
+                typer.echo(
+                    f"interrupted: the last checkpoint is intact; continue with "
+                    f"`fltool launch --nproc {nproc} --resume {exc.run_dir}`",
+                    err=True,
+                )
+            else:
+                typer.echo(f"interrupted before the first checkpoint: nothing to resume in {exc.run_dir}", err=True)
             raise typer.Exit(130) from None
     typer.echo(f"run_dir: {run_dir}")
 

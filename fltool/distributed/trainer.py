@@ -162,8 +162,9 @@ def train_ddp(
         improved = acc is not None and (best is None or acc > best)
         best = acc if improved else best
         if comm.is_main:
-            log.append(row)
+            log.rows.append(row)
             _save(cfg, run_dir, raw, optimizer, scheduler, epoch, log, best, improved, final or reached)
+            log.flush()  # after the checkpoint, as in the federated loop
             if on_row:
                 on_row(row)
         else:

@@ -139,13 +139,16 @@ def train_federated(
         improved = row["test_accuracy"] is not None and (best is None or row["test_accuracy"] > best)
         best = row["test_accuracy"] if improved else best
         if comm.is_main:
-            log.append(row)
+            log.rows.append(row)
             if improved or r % cfg.output.checkpoint_every == 0 or final or reached:
                 state = make_checkpoint(cfg, model, r, log.rows, best)
                 if r % cfg.output.checkpoint_every == 0 or final or reached:
                     save_checkpoint(state, last_checkpoint(run_dir))
                 if improved:
                     save_checkpoint(state, best_checkpoint(run_dir))
+            # after the checkpoint: the metrics on disk never run ahead of it, and a
+            # checkpoint carries its own rows, so an interrupt in between loses nothing
+            log.flush()
             if on_round:
                 on_round(row)
         else:

@@ -1,4 +1,7 @@
-"""Per-round metrics, rewritten atomically as CSV and JSON lines after every round."""
+"""Per-round metrics, rewritten atomically as CSV and JSON lines after every round.
+
+The trainers flush a round's row after its checkpoint, so the files on disk never run
+ahead of the last checkpoint."""
 
 from __future__ import annotations
 
@@ -15,10 +18,6 @@ class MetricsLog:
     def __init__(self, run_dir: Path, rows: list[dict[str, Any]] | None = None) -> None:
         self.run_dir = run_dir
         self.rows: list[dict[str, Any]] = list(rows or [])
-
-    def append(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
-        self.flush()
 
     def flush(self) -> None:
         atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))

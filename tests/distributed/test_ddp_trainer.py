@@ -50,6 +50,29 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
     assert [r["train_loss"] for r in resumed.metrics] == pytest.approx([r["train_loss"] for r in full.metrics])
 
 
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_interrupt_at_a_checkpoint_write_leaves_metrics_not_ahead_of_it(tmp_path, monkeypatch, when):
+    """As for federated runs (tests/engine/test_federated.py)."""
+    import fltool.distributed.trainer as trainer
+
+    real_save = trainer.save_checkpoint
+
+    def interrupting_save(state, path):
+        if when == "after":
+            real_save(state, path)
+        if state["round"] == 2:
+            raise KeyboardInterrupt
+        real_save(state, path)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", interrupting_save)
+    cut = _cfg(tmp_path, "cut", epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        start_run(cut, PlainReporter("epoch"))
+    run_dir = Path(cut.output.run_dir)
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["round"] == (2 if when == "after" else 1)
+    assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
 def test_bf16_autocast_and_sgd_train(tmp_path):
     summary = start_run(_cfg(tmp_path, "bf16", amp="bf16", optimizer="sgd", lr=0.1, epochs=3), PlainReporter("epoch"))
     losses = [row["train_loss"] for row in summary.metrics]

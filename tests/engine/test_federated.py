@@ -95,6 +95,36 @@ def test_resume_after_interrupt_equals_uninterrupted_run(make_config):
     assert strip_timing(read_metrics(full)) == strip_timing(read_metrics(broken))
 
 
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_interrupt_at_a_checkpoint_write_leaves_metrics_not_ahead_of_it(make_config, monkeypatch, when):
+    """Ctrl-C can land just before or just after a round's checkpoint is written. The
+    metrics on disk may then lag the last checkpoint (which carries its own rows), never
+    lead it, and resume repairs them."""
+    import fltool.engine.federated as federated
+
+    cfg = make_config(federated={"rounds": 4})
+    full = run(cfg)
+    real_save = federated.save_checkpoint
+
+    def interrupting_save(state, path):
+        if when == "after":
+            real_save(state, path)
+        if state["round"] == 2:
+            raise KeyboardInterrupt
+        real_save(state, path)
+
+    monkeypatch.setattr(federated, "save_checkpoint", interrupting_save)
+    broken = create_run_dir(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train_federated(cfg, broken)
+    monkeypatch.undo()
+    assert load_checkpoint(last_checkpoint(broken))["round"] == (2 if when == "after" else 1)
+    assert [r["round"] for r in read_metrics(broken)] == [1]
+
+    resume_run(broken, [], PlainReporter())
+    assert strip_timing(read_metrics(full)) == strip_timing(read_metrics(broken))
+
+
 def test_target_accuracy_stops_and_reports_the_round(make_config):
     cfg = make_config(federated={"rounds": 30}, eval={"target_accuracy": 0.5})
     run_dir = create_run_dir(cfg)
