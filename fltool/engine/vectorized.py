@@ -2,7 +2,7 @@
 
 Client parameters are stacked along a leading client dim, and one local step is one
 batched forward plus one backward for all clients of the chunk: hand-batched (grouped
-conv + baddbmm, see `batched_nets`) for plain Sequential conv/MLP models, vmap over
+conv + batched matmuls, see `batched_nets`) for plain Sequential conv/MLP models, vmap over
 `functional_call` for anything else. Federated simulation is launch-bound (10 clients
 x 10 examples is microseconds of work), so fusing M clients into one kernel sequence
 is where the speed comes from on a GPU. On CPU the gain is removing per-client Python

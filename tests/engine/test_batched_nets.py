@@ -1,0 +1,73 @@
+"""The hand-batched network: per-client gradients and dropout statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fltool.engine.batched_nets import _dropout, make_batched_apply
+from fltool.engine.cohort import make_apply_fn
+from fltool.models import build_model
+
+BIAS_FREE_DENSE = nn.Sequential(  # a Linear without bias, and one whose input needs a gradient
+    nn.Conv2d(2, 3, 3),
+    nn.Flatten(),
+    nn.Linear(3 * 4 * 4, 12, bias=False),
+    nn.ReLU(),
+    nn.Linear(12, 10),
+)
+
+
+@pytest.mark.parametrize(
+    "model_name,shape", [("mlp", (1, 8, 8)), ("cnn", (1, 12, 12)), ("cnn_cifar", (3, 10, 10)), ("bias_free", (2, 6, 6))]
+)
+def test_batched_gradients_equal_each_clients_own(model_name: str, shape: tuple[int, ...]) -> None:
+    """The gradient of the summed per-client losses w.r.t. the stack is, slice by slice,
+    each client's own gradient (this exercises BatchedLinear's hand-written backward)."""
+    torch.manual_seed(0)
+    model = BIAS_FREE_DENSE if model_name == "bias_free" else build_model(model_name, shape, 10)
+    model.eval()  # no dropout: the batched and per-client passes must see the same network
+    m = 3
+    # distinct clients of a sane scale (a shift of every weight by the same step blows the logits up)
+    stacked = [torch.stack([p.detach() * (1 + 0.05 * k) for k in range(m)]).requires_grad_(True) for p in model.parameters()]
+    x, y = torch.randn(m, 5, *shape), torch.randint(10, (m, 5))
+    logits = make_batched_apply(model)(stacked, x)
+    batched = torch.autograd.grad(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"), stacked)
+    apply_fn = make_apply_fn(model)
+    for k in range(m):
+        own = [p[k].detach().requires_grad_(True) for p in stacked]
+        expected = torch.autograd.grad(F.cross_entropy(apply_fn(own, x[k]), y[k], reduction="sum"), own)
+        for got, want in zip(batched, expected, strict=True):
+            assert got[k].shape == want.shape
+            torch.testing.assert_close(got[k], want, atol=1e-5, rtol=1e-4)
+
+
+def test_weight_gradients_come_in_the_weights_layout() -> None:
+    """So the SGD update sweeps memory linearly (see BatchedLinear)."""
+    model = build_model("mlp", (1, 4, 4), 10)
+    stacked = [torch.stack([p.detach()] * 2).requires_grad_(True) for p in model.parameters()]
+    out = make_batched_apply(model)(stacked, torch.randn(2, 3, 1, 4, 4))
+    grads = torch.autograd.grad(out.sum(), stacked)
+    assert all(g.is_contiguous() for g in grads)
+
+
+def test_cpu_dropout_keeps_1_minus_p_and_rescales() -> None:
+    torch.manual_seed(0)
+    h = torch.ones(400_000)
+    out = _dropout(h, 0.25, True)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.003  # 4 standard errors (0.0007)
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.75))
+    assert torch.equal(_dropout(h, 0.25, False), h)  # eval: identity
+    assert torch.equal(_dropout(h, 0.0, True), h)
+    assert not _dropout(h, 1.0, True).any()
+
+
+def test_cpu_dropout_gradient_is_the_same_mask() -> None:
+    torch.manual_seed(0)
+    h = torch.randn(1000, requires_grad=True)
+    out = _dropout(h, 0.5, True)
+    (grad,) = torch.autograd.grad(out.sum(), h)
+    torch.testing.assert_close(grad, torch.where(out != 0, 2.0, 0.0))
