@@ -3,6 +3,12 @@
 All engines run in one process on the same workload, clients and sampled cohorts.
 Client-steps/s counts one local SGD step of one client as one client-step.
 
+`--engines ... grad-only` adds a practical bound: a client-step's forward and backward
+kernels alone, timed on one fixed batch (no data, update or aggregation), the fastest
+of a few arrangements. Every engine's client-step runs those kernels and more, so on a
+device where the kernels rather than the launches are the cost (a CPU), its ratio is
+about as far as any engine built from PyTorch's kernels can go.
+
 Peak memory: on CUDA, torch.cuda.max_memory_allocated() during the engine's timed
 rounds (reset before each engine). On CPU (Linux), the peak resident set size during
 the timed rounds minus the resident size before them: the kernel's high-water mark
@@ -16,6 +22,7 @@ shows 0 for an engine that stays below an earlier peak.
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import gc
 import math
@@ -33,6 +40,7 @@ from fltool.algorithms import LocalRule, server_update
 from fltool.algorithms.sampling import generator_for, sample_clients
 from fltool.config.schema import DataConfig, SyntheticConfig
 from fltool.data import load_dataset
+from fltool.engine.batched_nets import make_batched_apply, supports
 from fltool.engine.cohort import ClientData, make_engine
 from fltool.models import build_model
 
@@ -101,6 +109,46 @@ def engine_round(engine, w: Workload, global_model: torch.nn.Module, clients: li
     result = engine.train_cohort(params, clients, rule, r)
     with torch.no_grad():
         torch._foreach_copy_(params, server_update(params, result.weighted.average(), w.server_lr))
+
+
+def gradient_only(w: Workload, model: torch.nn.Module, chunk: int, device: torch.device) -> tuple[float, str]:
+    """Seconds per client-step of the forward and backward kernels alone, and which
+    arrangement was fastest: no data loading, optimizer, update or aggregation.
+
+    Every engine's client-step runs at least one forward and backward of the model, so
+    this bounds what the engines can reach with the arrangements tried: one client at a
+    time (default and channels-last layout), and `chunk` clients hand-batched."""
+    x = torch.randn(w.batch_size, *w.shape, device=device)
+    y = torch.randint(0, 10, (w.batch_size,), device=device)
+    params = list(model.parameters())
+    candidates: dict[str, Callable[[], object]] = {
+        "one client": lambda: torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    }
+    if len(w.shape) == 3:
+        xc = x.contiguous(memory_format=torch.channels_last)
+        mc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        candidates["one client, channels-last"] = lambda: torch.autograd.grad(
+            F.cross_entropy(mc(xc), y), list(mc.parameters()))
+    if supports(model):
+        apply = make_batched_apply(model)
+        stacked = [p.detach().unsqueeze(0).repeat(chunk, *[1] * p.dim()).requires_grad_(True) for p in params]
+        xs, ys = x.expand(chunk, *x.shape).contiguous(), y.expand(chunk, -1).reshape(-1)
+        candidates[f"{chunk} clients batched"] = lambda: torch.autograd.grad(
+            F.cross_entropy(apply(stacked, xs).flatten(0, 1), ys, reduction="sum"), stacked)
+    best, label, reps = math.inf, "", 10
+    for name, step in candidates.items():
+        per_step = chunk if name.endswith("batched") else 1
+        step()
+        for _ in range(3):  # best of 3 blocks: the least disturbed
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                step()
+            sync(device)
+            seconds = (time.perf_counter() - t0) / (reps * per_step)
+            if seconds < best:
+                best, label = seconds, name
+    return best, label
 
 
 def sync(device: torch.device) -> None:
@@ -177,6 +225,15 @@ def bench(name: str, w: Workload, args: argparse.Namespace, device: torch.device
     for engine_name in args.engines:
         torch.manual_seed(0)
         model = build_model(w.model, w.shape, 10).to(device)
+        if engine_name == "grad-only":
+            chunk = make_engine("vectorized", model, 0, args.max_parallel_clients, False).chunk_size(
+                [p.detach() for p in model.parameters()], cohorts[1], LocalRule(w.epochs, w.batch_size, w.lr))
+            per_step, fastest = gradient_only(w, model, chunk, device)
+            rate = 1 / per_step
+            ratio = f"{rate / ref:.2f}" if ref else "-"
+            print(f"{engine_name:<12} {rate:>15,.0f} {per_step * steps_per_round:>10.3f} {'-':>10} {ratio:>11}"
+                  f"   (forward+backward alone, fastest: {fastest})", flush=True)
+            continue
         if engine_name == "textbook":
 
             def run_round(r: int) -> None:
@@ -201,7 +258,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per engine (after 1 warm-up round)")
     parser.add_argument("--data", choices=["synthetic", "mnist"], default="synthetic")
-    parser.add_argument("--engines", nargs="+", default=["textbook", "sequential", "vectorized"])
+    parser.add_argument(
+        "--engines", nargs="+", choices=["textbook", "sequential", "vectorized", "grad-only"],
+        default=["textbook", "sequential", "vectorized"],
+        help="grad-only: the forward and backward kernels alone, a bound for every engine",
+    )
     parser.add_argument("--max-parallel-clients", type=int, default=None, help="vectorized chunk size")
     parser.add_argument(
         "--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="vectorized: replay steps as CUDA graphs"
