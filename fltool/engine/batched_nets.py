@@ -53,12 +53,13 @@ def supports(model: nn.Module) -> bool:
 class BatchedLinear(torch.autograd.Function):
     """y_m = x_m W_m^T + b_m for every client m: x (M, B, I), W (M, O, I), b (M, O) or None.
 
-    The same math as `baddbmm(b, x, W^T)`, with the matmuls oriented by hand. Computing
-    y^T = W x^T, and W's gradient as g^T x, directly in W's layout, took the vectorized
-    CPU rounds from 4.3-4.4 to 3.8-4.0 ms per client-step (McMahan CNN) and from 8.0-8.6
-    to 7.5-7.7 (CIFAR CNN; 2 cores, interleaved A/B runs): through autograd, `x @ W^T` ran the slow transposed
-    GEMM (0.45 against 0.18 ms for the 3136x512 layer at B=10), and W's gradient came out
-    transposed, so every step's update swept a strided tensor. Unmeasured on CUDA.
+    The same math as `autograd_linear`, with the matmuls oriented by hand: y^T = W x^T
+    (through autograd, `x @ W^T` ran MKL's slow transposed GEMM: 0.45 against 0.18 ms
+    for the CNN's 3136x512 layer at B=10), and W's gradient as g^T x, in W's own layout,
+    so the SGD update sweeps memory linearly. Interleaved A/B runs of the vectorized CPU
+    round, 2 cores: McMahan CNN (3 clients a chunk) 11-13% faster, 2NN with 30 clients of
+    60 examples 17% faster, 2NN with 10 clients 3-7% slower (this Function's Python
+    overhead). Used on CPU (see `_linear`).
     """
 
     @staticmethod
@@ -67,7 +68,8 @@ class BatchedLinear(torch.autograd.Function):
         ctx.has_bias = b is not None
         xt = x.transpose(1, 2)
         out = torch.bmm(w, xt) if b is None else torch.baddbmm(b.unsqueeze(2), w, xt)
-        return out.transpose(1, 2)
+        # contiguous: a transposed output made the next layers' kernels slower (2NN)
+        return out.transpose(1, 2).contiguous()
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor, Tensor | None]:
@@ -76,6 +78,17 @@ class BatchedLinear(torch.autograd.Function):
         gw = torch.bmm(g.transpose(1, 2), x)
         gb = g.sum(1) if ctx.has_bias else None
         return gx, gw, gb
+
+
+def autograd_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """`BatchedLinear`'s math as plain batched matmuls, differentiated by autograd."""
+    return torch.bmm(x, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    # CUDA keeps autograd_linear: the form measured and tested under graph capture on the
+    # H100, where BatchedLinear has not run yet
+    return BatchedLinear.apply(x, w, b) if x.device.type == "cpu" else autograd_linear(x, w, b)
 
 
 def _dropout(h: Tensor, p: float, training: bool) -> Tensor:
@@ -141,7 +154,7 @@ def make_batched_apply(model: nn.Sequential) -> BatchedApply:
             elif isinstance(layer, nn.Linear):
                 w = next(it)
                 b = next(it) if layer.bias is not None else None
-                h = BatchedLinear.apply(h, w, b)
+                h = _linear(h, w, b)
         return h
 
     return apply

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fltool.engine.batched_nets import _dropout, make_batched_apply
+from fltool.engine.batched_nets import BatchedLinear, _dropout, autograd_linear, make_batched_apply
 from fltool.engine.cohort import make_apply_fn
 from fltool.models import build_model
 
@@ -42,6 +42,22 @@ def test_batched_gradients_equal_each_clients_own(model_name: str, shape: tuple[
         for got, want in zip(batched, expected, strict=True):
             assert got[k].shape == want.shape
             torch.testing.assert_close(got[k], want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_batched_linear_equals_autograd_linear(bias: bool) -> None:
+    """The two forms of the dense layer (CPU and CUDA) agree in value and gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7, requires_grad=True)
+    w = torch.randn(3, 4, 7, requires_grad=True)
+    b = torch.randn(3, 4, requires_grad=True) if bias else None
+    inputs = [t for t in (x, w, b) if t is not None]
+    g = torch.randn(3, 5, 4)
+    ours = BatchedLinear.apply(x, w, b)
+    theirs = autograd_linear(x, w, b)
+    torch.testing.assert_close(ours, theirs)
+    for a, e in zip(torch.autograd.grad(ours, inputs, g), torch.autograd.grad(theirs, inputs, g), strict=True):
+        torch.testing.assert_close(a, e)
 
 
 def test_weight_gradients_come_in_the_weights_layout() -> None:
