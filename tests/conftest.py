@@ -58,3 +58,24 @@ def tiny_config(tmp_path: Path, **sections: dict | object) -> Config:
 @pytest.fixture
 def make_config(tmp_path: Path):
     return lambda **sections: tiny_config(tmp_path, **sections)
+
+
+
+@pytest.fixture
+def interrupt_checkpoint_write(monkeypatch: pytest.MonkeyPatch):
+    """patch(module, round_, when): make `module.save_checkpoint` act like Ctrl-C just
+    `before` or `after` it writes round `round_`'s checkpoint."""
+
+    def patch(module: object, round_: int, when: str) -> None:
+        real_save = module.save_checkpoint
+
+        def interrupting_save(state: dict, path: Path) -> None:
+            if state["round"] == round_ and when == "before":
+                raise KeyboardInterrupt
+            real_save(state, path)
+            if state["round"] == round_ and when == "after":
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(module, "save_checkpoint", interrupting_save)
+
+    return patch

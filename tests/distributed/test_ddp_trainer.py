@@ -51,20 +51,11 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
-def test_interrupt_at_a_checkpoint_write_leaves_metrics_not_ahead_of_it(tmp_path, monkeypatch, when):
+def test_interrupt_at_a_checkpoint_write_leaves_metrics_not_ahead_of_it(tmp_path, interrupt_checkpoint_write, when):
     """As for federated runs (tests/engine/test_federated.py)."""
     import fltool.distributed.trainer as trainer
 
-    real_save = trainer.save_checkpoint
-
-    def interrupting_save(state, path):
-        if when == "after":
-            real_save(state, path)
-        if state["round"] == 2:
-            raise KeyboardInterrupt
-        real_save(state, path)
-
-    monkeypatch.setattr(trainer, "save_checkpoint", interrupting_save)
+    interrupt_checkpoint_write(trainer, 2, when)
     cut = _cfg(tmp_path, "cut", epochs=3)
     with pytest.raises(KeyboardInterrupt):
         start_run(cut, PlainReporter("epoch"))

@@ -96,7 +96,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(make_config):
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
-def test_interrupt_at_a_checkpoint_write_leaves_metrics_not_ahead_of_it(make_config, monkeypatch, when):
+def test_interrupt_at_a_checkpoint_write_leaves_metrics_not_ahead_of_it(make_config, monkeypatch, interrupt_checkpoint_write, when):
     """Ctrl-C can land just before or just after a round's checkpoint is written. The
     metrics on disk may then lag the last checkpoint (which carries its own rows), never
     lead it, and resume repairs them."""
@@ -104,16 +104,7 @@ def test_interrupt_at_a_checkpoint_write_leaves_metrics_not_ahead_of_it(make_con
 
     cfg = make_config(federated={"rounds": 4})
     full = run(cfg)
-    real_save = federated.save_checkpoint
-
-    def interrupting_save(state, path):
-        if when == "after":
-            real_save(state, path)
-        if state["round"] == 2:
-            raise KeyboardInterrupt
-        real_save(state, path)
-
-    monkeypatch.setattr(federated, "save_checkpoint", interrupting_save)
+    interrupt_checkpoint_write(federated, 2, when)
     broken = create_run_dir(cfg)
     with pytest.raises(KeyboardInterrupt):
         train_federated(cfg, broken)
