@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from fltool.errors import FltoolError
+from fltool.errors import FltoolError, RunInterrupted
 
 app = typer.Typer(
     add_completion=False,
@@ -23,8 +23,9 @@ app = typer.Typer(
 
 
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """FltoolError -> its lines on stderr and exit 2; FLTOOL_DEBUG=1 keeps the traceback."""
+def user_errors(resume_with: str = "fltool train") -> Iterator[None]:
+    """FltoolError -> its lines on stderr and exit 2; Ctrl-C -> how to continue, exit 130.
+    FLTOOL_DEBUG=1 keeps the traceback."""
     try:
         yield
     except FltoolError as exc:
@@ -33,11 +34,19 @@ def user_errors() -> Iterator[None]:
         for line in exc.lines:
             typer.echo(f"error: {line}", err=True)
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if os.environ.get("FLTOOL_DEBUG") == "1":
             raise
-        typer.echo("interrupted: the last checkpoint is intact; continue with `fltool train --resume RUN_DIR`", err=True)
+        typer.echo(interrupt_message(exc, resume_with), err=True)
         raise typer.Exit(130) from None
+
+
+def interrupt_message(exc: KeyboardInterrupt, resume_with: str) -> str:
+    if not isinstance(exc, RunInterrupted):  # before any run directory existed
+        return "interrupted"
+    if not exc.resumable:
+        return f"interrupted before the first checkpoint: nothing to resume in {exc.run_dir}"
+    return f"interrupted: the last checkpoint is intact; continue with `{resume_with} --resume {exc.run_dir}`"
 
 
 @app.command()
@@ -84,7 +93,7 @@ def launch(
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory.")] = None,
 ) -> None:
     """Run CONFIG on N worker processes under torchrun (DDP, or a federated cohort split across ranks)."""
-    from fltool.distributed.launch import LaunchInterrupted, LaunchOptions, WorkerFailed, dry_run_command, prepare
+    from fltool.distributed.launch import LaunchOptions, WorkerFailed, dry_run_command, prepare
     from fltool.distributed.launch import prepare_data
     from fltool.distributed.launch import launch as run_launch
 
@@ -93,7 +102,7 @@ def launch(
         overrides.insert(0, config)
         config = None
     opts = LaunchOptions(nproc, nnodes, node_rank, rdzv_endpoint, max_restarts)
-    with user_errors():
+    with user_errors(resume_with=f"fltool launch --nproc {nproc}"):
         cfg, resume = prepare(config, overrides, opts, resume)
         if dry_run:
             typer.echo(dry_run_command(cfg, opts, resume))
@@ -104,16 +113,6 @@ def launch(
         except WorkerFailed as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
-        except LaunchInterrupted as exc:
-            if exc.resumable:
-                typer.echo(
-                    f"interrupted: the last checkpoint is intact; continue with "
-                    f"`fltool launch --nproc {nproc} --resume {exc.run_dir}`",
-                    err=True,
-                )
-            else:
-                typer.echo(f"interrupted before the first checkpoint: nothing to resume in {exc.run_dir}", err=True)
-            raise typer.Exit(130) from None
     typer.echo(f"run_dir: {run_dir}")
 
 

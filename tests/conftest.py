@@ -64,10 +64,12 @@ def make_config(tmp_path: Path):
 @pytest.fixture
 def interrupt_checkpoint_write(monkeypatch: pytest.MonkeyPatch):
     """patch(module, round_, when): make `module.save_checkpoint` act like Ctrl-C just
-    `before` or `after` it writes round `round_`'s checkpoint."""
+    `before` or `after` it writes round `round_`'s checkpoint (a new patch replaces the
+    last one; `monkeypatch.undo()` restores the real function)."""
+    originals: dict[int, object] = {}
 
     def patch(module: object, round_: int, when: str) -> None:
-        real_save = module.save_checkpoint
+        real_save = originals.setdefault(id(module), module.save_checkpoint)
 
         def interrupting_save(state: dict, path: Path) -> None:
             if state["round"] == round_ and when == "before":

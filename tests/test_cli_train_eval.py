@@ -85,3 +85,31 @@ def test_resume_from_the_command_line_continues_the_run(make_config, tmp_path: P
     assert "rounds: 4" in (run_dir / "config.yaml").read_text()
     missing = runner.invoke(app, ["train", "--resume", str(tmp_path)])
     assert missing.exit_code == 2 and "not a run directory" in missing.stderr
+
+
+def test_ctrl_c_says_how_to_continue_or_that_there_is_nothing_to_resume(
+    make_config, interrupt_checkpoint_write, monkeypatch, tmp_path
+):
+    import fltool.engine.federated as federated
+    from fltool.config import dump_config
+
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(dump_config(make_config()))
+    runner = CliRunner()
+
+    interrupt_checkpoint_write(federated, 1, "before")  # Ctrl-C before any checkpoint
+    early = runner.invoke(app, ["train", str(cfg_path), "output.dir=" + str(tmp_path / "early")])
+    early_dir = only_run_dir(tmp_path / "early")
+    assert early.exit_code == 130
+    assert early.stderr.strip() == f"interrupted before the first checkpoint: nothing to resume in {early_dir}"
+
+    interrupt_checkpoint_write(federated, 2, "after")
+    late = runner.invoke(app, ["train", str(cfg_path), "output.dir=" + str(tmp_path / "late")])
+    late_dir = only_run_dir(tmp_path / "late")
+    assert late.exit_code == 130
+    hint = f"interrupted: the last checkpoint is intact; continue with `fltool train --resume {late_dir}`"
+    assert late.stderr.strip() == hint
+    monkeypatch.undo()
+    done = runner.invoke(app, ["train", "--resume", str(late_dir)])
+    assert done.exit_code == 0, done.output
+    assert [r["round"] for r in read_metrics(late_dir)] == [1, 2, 3]

@@ -20,7 +20,7 @@ from fltool.config import Config, dump_config, load_config
 from fltool.distributed.comm import TORCHRUN_ENV, resolve_backend, under_torchrun
 from fltool.engine.atomic import atomic_write_text
 from fltool.engine.rundir import CONFIG_FILE, create_run_dir, last_checkpoint
-from fltool.errors import FltoolError
+from fltool.errors import FltoolError, RunInterrupted
 
 WORKER_MODULE = "fltool.distributed.worker"
 LOG_DIR = "torchrun"
@@ -37,16 +37,6 @@ class LaunchOptions:
 
 class WorkerFailed(Exception):
     """A worker died; the message is the one-line summary for the user."""
-
-
-class LaunchInterrupted(Exception):
-    """Ctrl-C or SIGTERM reached the launcher; the workers were stopped."""
-
-    def __init__(self, run_dir: Path) -> None:
-        super().__init__(str(run_dir))
-        self.run_dir = run_dir
-        # checkpoints are written atomically, so one that exists is whole
-        self.resumable = last_checkpoint(run_dir).exists()
 
 
 def check_options(opts: LaunchOptions) -> None:
@@ -181,7 +171,7 @@ def launch(cfg: Config, opts: LaunchOptions, resume: Path | None = None) -> Path
         raise WorkerFailed(failure_summary(exc, run_dir)) from None
     except (SignalException, KeyboardInterrupt):
         # The agent has already stopped the workers; checkpoints are written atomically.
-        raise LaunchInterrupted(run_dir) from None
+        raise RunInterrupted(run_dir, last_checkpoint(run_dir).is_file()) from None
     finally:
         agent_log.setLevel(level)
     return run_dir

@@ -11,7 +11,7 @@ from fltool.engine.atomic import atomic_write_text
 from fltool.engine.checkpoint import load_checkpoint
 from fltool.engine.federated import RunSummary, train_federated
 from fltool.engine.rundir import CONFIG_FILE, create_run_dir, last_checkpoint
-from fltool.errors import FltoolError
+from fltool.errors import FltoolError, RunInterrupted
 from fltool.ui import PlainReporter
 
 
@@ -30,15 +30,18 @@ def summary_dict(summary: RunSummary) -> dict[str, Any]:
 
 def run(cfg: Config, run_dir: Path, reporter: PlainReporter, resume: dict[str, Any] | None = None) -> RunSummary:
     first = resume["round"] + 1 if resume else 1
-    if cfg.mode == "ddp":
-        from fltool.distributed.trainer import train_ddp
+    try:
+        if cfg.mode == "ddp":
+            from fltool.distributed.trainer import train_ddp
 
-        reporter.unit = "epoch"
-        reporter.start(cfg.name, str(run_dir), first, cfg.ddp.epochs)
-        summary = train_ddp(cfg, run_dir, reporter.update, resume)
-    else:
-        reporter.start(cfg.name, str(run_dir), first, cfg.federated.rounds)
-        summary = train_federated(cfg, run_dir, reporter.update, resume)
+            reporter.unit = "epoch"
+            reporter.start(cfg.name, str(run_dir), first, cfg.ddp.epochs)
+            summary = train_ddp(cfg, run_dir, reporter.update, resume)
+        else:
+            reporter.start(cfg.name, str(run_dir), first, cfg.federated.rounds)
+            summary = train_federated(cfg, run_dir, reporter.update, resume)
+    except KeyboardInterrupt:
+        raise RunInterrupted(run_dir, last_checkpoint(run_dir).is_file()) from None
     reporter.finish(summary_dict(summary))
     return summary
 

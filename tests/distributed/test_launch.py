@@ -15,10 +15,10 @@ import torch
 from ddp_helpers import REPO, assert_same_model, cli_env, ddp_config, fltool_cmd, load_model, run_cli, write_config
 
 from fltool.config import config_from_dict, load_config
-from fltool.distributed.launch import LaunchInterrupted, check_devices
+from fltool.distributed.launch import check_devices
 from fltool.engine.checkpoint import load_checkpoint
 from fltool.engine.metrics import read_metrics
-from fltool.engine.rundir import create_run_dir, last_checkpoint
+from fltool.engine.rundir import create_run_dir
 from fltool.engine.runner import start_run
 from fltool.errors import FltoolError
 from fltool.ui import PlainReporter
@@ -278,13 +278,6 @@ def test_ctrl_c_stops_cleanly_and_launch_resume_continues(tmp_path):
     rows = read_metrics(run_dir)
     assert [r["epoch"] for r in rows] == list(range(1, stopped_at + 3))
     assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine follows the new ddp.epochs
-
-
-def test_an_interrupt_before_the_first_checkpoint_offers_no_resume(tmp_path):
-    assert not LaunchInterrupted(tmp_path).resumable
-    last_checkpoint(tmp_path).parent.mkdir(parents=True)
-    last_checkpoint(tmp_path).write_bytes(b"")
-    assert LaunchInterrupted(tmp_path).resumable
 
 
 def test_real_mnist_launch_with_a_fresh_cache(tmp_path):
