@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fltool.engine import batched_nets
 from fltool.engine.batched_nets import BatchedLinear, _dropout, autograd_linear, make_batched_apply
 from fltool.engine.cohort import make_apply_fn
 from fltool.models import build_model
@@ -20,12 +21,22 @@ BIAS_FREE_DENSE = nn.Sequential(  # a Linear without bias, and one whose input n
 )
 
 
+@pytest.fixture
+def every_dense_layer_batched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Use BatchedLinear on CPU however small the layer (the tests' models are tiny)."""
+    monkeypatch.setattr(batched_nets, "BATCHED_LINEAR_MIN_WEIGHTS", 0)
+
+
+@pytest.mark.parametrize("dense", ["BatchedLinear", "autograd_linear"])
 @pytest.mark.parametrize(
     "model_name,shape", [("mlp", (1, 8, 8)), ("cnn", (1, 12, 12)), ("cnn_cifar", (3, 10, 10)), ("bias_free", (2, 6, 6))]
 )
-def test_batched_gradients_equal_each_clients_own(model_name: str, shape: tuple[int, ...]) -> None:
+def test_batched_gradients_equal_each_clients_own(
+    model_name: str, shape: tuple[int, ...], dense: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The gradient of the summed per-client losses w.r.t. the stack is, slice by slice,
-    each client's own gradient (this exercises BatchedLinear's hand-written backward)."""
+    each client's own gradient, with either form of the dense layers."""
+    monkeypatch.setattr(batched_nets, "BATCHED_LINEAR_MIN_WEIGHTS", 0 if dense == "BatchedLinear" else 2**62)
     torch.manual_seed(0)
     model = BIAS_FREE_DENSE if model_name == "bias_free" else build_model(model_name, shape, 10)
     model.eval()  # no dropout: the batched and per-client passes must see the same network
@@ -44,14 +55,15 @@ def test_batched_gradients_equal_each_clients_own(model_name: str, shape: tuple[
             torch.testing.assert_close(got[k], want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("input_grad", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-def test_batched_linear_equals_autograd_linear(bias: bool) -> None:
-    """The two forms of the dense layer (CPU and CUDA) agree in value and gradient."""
+def test_batched_linear_equals_autograd_linear(bias: bool, input_grad: bool) -> None:
+    """The two forms of the dense layer agree in value and gradient."""
     torch.manual_seed(0)
-    x = torch.randn(3, 5, 7, requires_grad=True)
+    x = torch.randn(3, 5, 7, requires_grad=input_grad)
     w = torch.randn(3, 4, 7, requires_grad=True)
     b = torch.randn(3, 4, requires_grad=True) if bias else None
-    inputs = [t for t in (x, w, b) if t is not None]
+    inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
     g = torch.randn(3, 5, 4)
     ours = BatchedLinear.apply(x, w, b)
     theirs = autograd_linear(x, w, b)
@@ -60,7 +72,7 @@ def test_batched_linear_equals_autograd_linear(bias: bool) -> None:
         torch.testing.assert_close(a, e)
 
 
-def test_weight_gradients_come_in_the_weights_layout() -> None:
+def test_weight_gradients_come_in_the_weights_layout(every_dense_layer_batched) -> None:
     """So the SGD update sweeps memory linearly (see BatchedLinear)."""
     model = build_model("mlp", (1, 4, 4), 10)
     stacked = [torch.stack([p.detach()] * 2).requires_grad_(True) for p in model.parameters()]

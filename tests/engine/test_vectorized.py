@@ -59,6 +59,20 @@ def test_cohort_matches_sequential(mode: str, model_name: str) -> None:
     assert any(not torch.equal(a, b) for a, b in zip(vec.weighted.average(), params))  # it trained
 
 
+@pytest.mark.parametrize("mode", RULES)
+def test_cohort_matches_sequential_with_every_dense_layer_batched(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU's BatchedLinear (used for large layers only) trains the same cohort."""
+    from fltool.engine import batched_nets
+
+    monkeypatch.setattr(batched_nets, "BATCHED_LINEAR_MIN_WEIGHTS", 0)
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10)
+    clients, params = make_clients((1, 8, 8)), global_params(model)
+    seq = SequentialEngine(model, seed=3).train_cohort(params, clients, RULES[mode], 2)
+    vec = VectorizedEngine(model, seed=3).train_cohort(params, clients, RULES[mode], 2)
+    assert_same(vec.weighted.average(), seq.weighted.average())
+
+
 @pytest.mark.parametrize("mode", ["fedavg", "fedprox"])
 def test_vmap_fallback_matches_sequential(mode: str) -> None:
     """Models the hand-batched forward does not cover are vmap'd over functional_call."""
