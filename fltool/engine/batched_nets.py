@@ -56,7 +56,7 @@ class BatchedLinear(torch.autograd.Function):
     The same math as `autograd_linear`, with the matmuls oriented by hand: y^T = W x^T
     (through autograd, `x @ W^T` ran MKL's slow transposed GEMM: 0.45 against 0.18 ms
     for the CNN's 3136x512 layer at B=10), and W's gradient as g^T x, in W's own layout,
-    so the SGD update sweeps memory linearly. Used on CPU for large stacked weights (see
+    so the SGD update sweeps memory linearly. Used on CPU for large layers (see
     `_linear`).
     """
 
@@ -84,16 +84,15 @@ def autograd_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 
 # BatchedLinear's Python cost (an autograd.Function, ~20 us a layer a step) pays off for
-# large stacked weights only. A/B of CPU rounds against autograd_linear everywhere: the
-# CNN (fc1 stack of 4.8M at 3 clients) 11-13% faster, the 2NN at 30 clients (4.7M) 6-14%
-# faster; the 2NN at 10 clients (1.6M) lost 3-7% with BatchedLinear, so it stays below.
-BATCHED_LINEAR_MIN_WEIGHTS = 2**21
+# large layers only: A/B of CPU rounds, the CNN (fc1: 1.6M weights a client) ran 11-13%
+# faster with it, the 2NN (fc1: 157k) 3-7% slower at 10 clients a chunk.
+BATCHED_LINEAR_MIN_WEIGHTS = 2**20  # per client
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     # CUDA keeps autograd_linear: the form measured and tested under graph capture on the
     # H100, where BatchedLinear has not run yet
-    if x.device.type == "cpu" and w.numel() >= BATCHED_LINEAR_MIN_WEIGHTS:
+    if x.device.type == "cpu" and w[0].numel() >= BATCHED_LINEAR_MIN_WEIGHTS:
         return BatchedLinear.apply(x, w, b)
     return autograd_linear(x, w, b)
 
