@@ -12,7 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from fltool.errors import FltoolError, RunInterrupted
+from fltool.engine.rundir import RunInterrupted
+from fltool.errors import FltoolError
 
 app = typer.Typer(
     add_completion=False,

@@ -42,3 +42,17 @@ def last_checkpoint(run_dir: Path) -> Path:
 
 def best_checkpoint(run_dir: Path) -> Path:
     return run_dir / CHECKPOINT_DIR / BEST
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM to `launch`) stopped the run in `run_dir`. The CLI exits 130
+    with one line on how to continue it."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
+
+    @property
+    def resumable(self) -> bool:
+        # checkpoints are written atomically, so one that exists is whole
+        return last_checkpoint(self.run_dir).is_file()

@@ -10,8 +10,8 @@ from fltool.config import Config, dump_config, load_config
 from fltool.engine.atomic import atomic_write_text
 from fltool.engine.checkpoint import load_checkpoint
 from fltool.engine.federated import RunSummary, train_federated
-from fltool.engine.rundir import CONFIG_FILE, create_run_dir, last_checkpoint
-from fltool.errors import FltoolError, RunInterrupted
+from fltool.engine.rundir import CONFIG_FILE, RunInterrupted, create_run_dir, last_checkpoint
+from fltool.errors import FltoolError
 from fltool.ui import PlainReporter
 
 
@@ -41,7 +41,7 @@ def run(cfg: Config, run_dir: Path, reporter: PlainReporter, resume: dict[str, A
             reporter.start(cfg.name, str(run_dir), first, cfg.federated.rounds)
             summary = train_federated(cfg, run_dir, reporter.update, resume)
     except KeyboardInterrupt:
-        raise RunInterrupted(run_dir, last_checkpoint(run_dir).is_file()) from None
+        raise RunInterrupted(run_dir) from None
     reporter.finish(summary_dict(summary))
     return summary
 
