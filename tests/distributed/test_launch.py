@@ -180,9 +180,8 @@ def test_two_nodes_share_one_run_dir_restart_together_and_equal_one_process(refe
         env = cli_env(FLTOOL_FAULT_AT_EPOCH="2")
         procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         time.sleep(1.5 if node == 1 else 0)
-    for proc in procs:
-        _, err = proc.communicate(timeout=180)
-        assert proc.returncode == 0, err
+    errs = [proc.communicate(timeout=180)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(f"node {n}: {e}" for n, e in zip((1, 0), errs))
     assert (run_dir / ".fault_injected").read_text().startswith("exit at epoch 2 on rank 1")
     assert [r["epoch"] for r in read_metrics(run_dir)] == [1, 2, 3]
     assert_same_model(load_model(run_dir), load_model(reference))
