@@ -66,10 +66,13 @@ class TorchComm(Comm):
         # A short timeout turns a rank that never arrives into an error, not a hang.
         timeout = timedelta(seconds=cfg.ddp.timeout_s)
         store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
-        # The elastic agent keeps one store across restarts; without a per-attempt prefix a
-        # restarted rank can read a dead peer's gloo address from the previous attempt.
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"fltool/attempt_{attempt}", store)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # The agent's shared store outlives restarts: without a prefix a restarted rank
+            # can read a dead peer's gloo address. The restart count is only a stand-in for
+            # the rendezvous round (agents that restarted for a membership change count
+            # differently), so `fltool launch` turns sharing off and needs no prefix.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"fltool/attempt_{attempt}", store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
         return cls(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 

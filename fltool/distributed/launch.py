@@ -25,6 +25,12 @@ from fltool.errors import FltoolError
 
 WORKER_MODULE = "fltool.distributed.worker"
 LOG_DIR = "torchrun"
+# Rank 0's worker then hosts a fresh store each rendezvous round. The agent's shared
+# store outlives rounds, and when one node restarts after a failure and another for the
+# membership change, their restart counts differ, so workers cannot agree on a prefix
+# that hides the previous round's keys (seen as a DistStoreError timeout in the two-node
+# restart test).
+UNSHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 @dataclass
@@ -167,6 +173,8 @@ def launch(cfg: Config, opts: LaunchOptions, resume: Path | None = None) -> Path
     agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
     level = agent_log.level
     agent_log.setLevel(logging.CRITICAL)
+    shared_store = os.environ.get(UNSHARED_STORE_ENV)
+    os.environ[UNSHARED_STORE_ENV] = "1"
     try:
         run(parse_args(torchrun_args(opts, run_dir, cfg.name)))
     except ChildFailedError as exc:
@@ -185,7 +193,15 @@ def launch(cfg: Config, opts: LaunchOptions, resume: Path | None = None) -> Path
         logging.getLogger(__name__).warning("the rendezvous store closed after the run ended; the run is complete")
     finally:
         agent_log.setLevel(level)
+        restore_env(UNSHARED_STORE_ENV, shared_store)
     return run_dir
+
+
+def restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def run_completed(cfg: Config, run_dir: Path) -> bool:

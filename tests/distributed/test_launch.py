@@ -164,10 +164,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_nodes_share_one_run_dir_restart_together_and_equal_one_process(reference, tmp_path):
+@pytest.mark.parametrize("other_node", ["fails", "stalls"])
+def test_two_nodes_share_one_run_dir_restart_together_and_equal_one_process(reference, tmp_path, other_node):
     """Two `launch --nnodes 2` on one host stand in for two nodes. Node 1 starts first
     and waits for node 0 to create the run directory; a worker killed at epoch 2 makes
-    both nodes' agents restart, and the run resumes from the shared checkpoint."""
+    both nodes' agents restart, and the run resumes from the shared checkpoint.
+
+    The other node's agent restarts either because its worker fails too, or (`stalls`:
+    its worker is busy) for the membership change, which leaves its restart count at 0
+    while the failed node's is 1; the workers must still find each other."""
     cfg = write_config(tmp_path / "ddp.yaml", ddp_config(batch_size=16))
     run_dir = tmp_path / "shared_run"
     rdzv = f"127.0.0.1:{_free_port()}"
@@ -177,12 +182,13 @@ def test_two_nodes_share_one_run_dir_restart_together_and_equal_one_process(refe
             "launch", "--nproc", "1", "--nnodes", "2", "--node-rank", str(node), "--rdzv-endpoint", rdzv,
             "--max-restarts", "1", str(cfg), f"output.run_dir={run_dir}",
         )
-        env = cli_env(FLTOOL_FAULT_AT_EPOCH="2")
+        env = cli_env(FLTOOL_FAULT_AT_EPOCH="2", **({"FLTOOL_FAULT_STALL_S": "60"} if other_node == "stalls" else {}))
         procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         time.sleep(1.5 if node == 1 else 0)
     errs = [proc.communicate(timeout=180)[1] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], "\n".join(f"node {n}: {e}" for n, e in zip((1, 0), errs))
     assert (run_dir / ".fault_injected").read_text().startswith("exit at epoch 2 on rank 1")
+    assert (run_dir / ".fault_stalled").exists() == (other_node == "stalls")
     assert [r["epoch"] for r in read_metrics(run_dir)] == [1, 2, 3]
     assert_same_model(load_model(run_dir), load_model(reference))
 
