@@ -7,4 +7,3 @@ class FltoolError(Exception):
     def __init__(self, *lines: str) -> None:
         super().__init__("\n".join(lines))
         self.lines = list(lines)
-

@@ -60,7 +60,6 @@ def make_config(tmp_path: Path):
     return lambda **sections: tiny_config(tmp_path, **sections)
 
 
-
 @pytest.fixture
 def interrupt_checkpoint_write(monkeypatch: pytest.MonkeyPatch):
     """patch(module, round_, when): make `module.save_checkpoint` act like Ctrl-C just

@@ -25,8 +25,8 @@ from fltool.errors import FltoolError
 
 WORKER_MODULE = "fltool.distributed.worker"
 LOG_DIR = "torchrun"
-# Rank 0's worker then hosts a fresh store each rendezvous round. The agent's shared
-# store outlives rounds, and when one node restarts after a failure and another for the
+# Set for torchrun, so that rank 0's worker hosts a fresh store each rendezvous round.
+# The agent's shared store outlives rounds, and when one node restarts after a failure and another for the
 # membership change, their restart counts differ, so workers cannot agree on a prefix
 # that hides the previous round's keys (seen as a DistStoreError timeout in the two-node
 # restart test).

@@ -52,8 +52,6 @@ from fltool.engine.setup import has_running_stats
 from fltool.engine.step_graph import StepGraphCache
 from fltool.errors import FltoolError
 
-__all__ = ["VectorizedEngine", "chunks", "plan_chunk"]
-
 
 def chunks(clients: Sequence[ClientData], size: int | None) -> list[list[ClientData]]:
     """Split a cohort into chunks of at most `size`; clients of similar size share a chunk

@@ -11,12 +11,13 @@ from torch import nn
 from fltool.algorithms import LocalRule
 from fltool.config import config_from_dict
 from fltool.engine.batched_nets import make_batched_apply, supports
+from fltool.engine.batched_step import plan_chunk
 from fltool.engine.chunking import auto_chunk_size, step_bytes_per_client
 from fltool.engine.checkpoint import load_checkpoint
 from fltool.engine.cohort import ClientData, SequentialEngine, client_batches, make_apply_fn, make_engine
 from fltool.engine.federated import train_federated
 from fltool.engine.rundir import last_checkpoint
-from fltool.engine.vectorized import VectorizedEngine, chunks, plan_chunk
+from fltool.engine.vectorized import VectorizedEngine, chunks
 from fltool.errors import FltoolError
 from fltool.models import build_model
 
