@@ -110,6 +110,34 @@ def _dropout(h: Tensor, p: float, training: bool) -> Tensor:
     return h * keep
 
 
+class FlattenGrouped(torch.autograd.Function):
+    """Grouped (B, M*C, H, W) in channels-last layout -> (M, B, C*H*W), each client's
+    (C, H, W) flattened in PyTorch's order, with the gradient handed back channels-last.
+
+    A plain reshape hands back a default-layout gradient, and the max-pool backward
+    that receives it next, its indices being channels-last, took a slow mixed-layout
+    path: 0.77 against 0.10 ms a client for pfl's CIFAR CNN at B=10 on CPU (its whole
+    2-client chunk step: 7-9% faster over 30 interleaved A/B runs; the MNIST CNN, whose
+    pool backward is cheaper, unchanged)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, m: int) -> Tensor:
+        ctx.shape = h.shape
+        return h.reshape(h.shape[0], m, -1).transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:
+        return g.transpose(0, 1).reshape(ctx.shape).contiguous(memory_format=torch.channels_last), None
+
+
+def _flatten_grouped(h: Tensor, m: int) -> Tensor:
+    """(B, M*C, H, W) -> (M, B, C*H*W): client m owns channels [m*C, (m+1)*C), so this
+    keeps each client's (C, H, W) flattening order."""
+    if h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous():
+        return FlattenGrouped.apply(h, m)
+    return h.reshape(h.shape[0], m, -1).transpose(0, 1)
+
+
 def _grouped(h: Tensor, m: int) -> Tensor:
     """(M, B, C, H, W) -> (B, M*C, H, W)."""
     return h.transpose(0, 1).reshape(h.shape[1], m * h.shape[2], *h.shape[3:])
@@ -153,9 +181,7 @@ def make_batched_apply(model: nn.Sequential) -> BatchedApply:
             elif isinstance(layer, nn.Dropout):
                 h = _dropout(h, layer.p, layer.training)
             elif isinstance(layer, nn.Flatten):
-                # grouped (B, M*C, H, W): client m owns channels [m*C, (m+1)*C), so this
-                # reshape keeps each client's (C, H, W) flattening order
-                h = h.reshape(h.shape[0], m, -1).transpose(0, 1) if grouped else h.flatten(2)
+                h = _flatten_grouped(h, m) if grouped else h.flatten(2)
                 grouped = False
             elif isinstance(layer, nn.Linear):
                 w = next(it)

@@ -99,3 +99,15 @@ def test_cpu_dropout_gradient_is_the_same_mask() -> None:
     out = _dropout(h, 0.5, True)
     (grad,) = torch.autograd.grad(out.sum(), h)
     torch.testing.assert_close(grad, torch.where(out != 0, 2.0, 0.0))
+
+
+def test_grouped_flatten_matches_reshape_and_returns_a_channels_last_gradient() -> None:
+    """Same values and gradient as the plain reshape, in the layout the pool backward wants."""
+    h = torch.randn(5, 2 * 3, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    plain = h.reshape(5, 2, -1).transpose(0, 1)
+    ours = batched_nets._flatten_grouped(h, 2)
+    assert torch.equal(ours, plain)
+    g = torch.randn_like(plain)
+    (want,), (got,) = torch.autograd.grad(plain, h, g), torch.autograd.grad(ours, h, g)
+    assert torch.equal(got, want)
+    assert got.is_contiguous(memory_format=torch.channels_last)
