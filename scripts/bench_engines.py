@@ -7,7 +7,9 @@ Client-steps/s counts one local SGD step of one client as one client-step.
 kernels alone, timed on one fixed batch (no data, update or aggregation), the fastest
 of a few arrangements. Every engine's client-step runs those kernels and more, so on a
 device where the kernels rather than the launches are the cost (a CPU), its ratio is
-about as far as any engine built from PyTorch's kernels can go.
+about as far as any engine built from PyTorch's kernels can go. `flop-bound` is the
+hardware's ceiling: the client-step's matmul and convolution FLOPs at the device's
+fp32 matmul peak (a 2048x2048 matmul, timed here), with everything else free.
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated() during the engine's timed
 rounds (reset before each engine). On CPU (Linux), the peak resident set size during
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
 
 from fltool.algorithms import LocalRule, server_update
 from fltool.algorithms.sampling import generator_for, sample_clients
@@ -151,6 +154,30 @@ def gradient_only(w: Workload, model: torch.nn.Module, chunk: int, device: torch
     return best, label
 
 
+def flop_bound(w: Workload, model: torch.nn.Module, device: torch.device) -> tuple[float, str]:
+    """Seconds per client-step if its forward and backward matmul and convolution FLOPs
+    (counted by FlopCounterMode, as PyTorch's kernels compute them) ran at this device's
+    fp32 matmul peak, and memory traffic, elementwise work, the update and Python cost
+    nothing. No engine that computes the same FLOPs in fp32 (direct or GEMM convolution,
+    not Winograd or FFT) can exceed it on this device."""
+    x = torch.randn(w.batch_size, *w.shape, device=device)
+    y = torch.randint(0, 10, (w.batch_size,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    flops = counter.get_total_flops()
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+    best = math.inf
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        sync(device)
+        best = min(best, (time.perf_counter() - t0) / 3)
+    peak = 2 * 2048**3 / best
+    return flops / peak, f"{flops / 1e6:.1f} MFLOP a client-step at {peak / 1e9:.0f} GFLOP/s"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -225,6 +252,13 @@ def bench(name: str, w: Workload, args: argparse.Namespace, device: torch.device
     for engine_name in args.engines:
         torch.manual_seed(0)
         model = build_model(w.model, w.shape, 10).to(device)
+        if engine_name == "flop-bound":
+            per_step, detail = flop_bound(w, model, device)
+            rate = 1 / per_step
+            ratio = f"{rate / ref:.2f}" if ref else "-"
+            print(f"{engine_name:<12} {rate:>15,.0f} {per_step * steps_per_round:>10.3f} {'-':>10} {ratio:>11}"
+                  f"   (matmul/conv FLOPs at the fp32 matmul peak: {detail})", flush=True)
+            continue
         if engine_name == "grad-only":
             chunk = make_engine("vectorized", model, 0, args.max_parallel_clients, False).chunk_size(
                 [p.detach() for p in model.parameters()], cohorts[1], LocalRule(w.epochs, w.batch_size, w.lr))
@@ -259,9 +293,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per engine (after 1 warm-up round)")
     parser.add_argument("--data", choices=["synthetic", "mnist"], default="synthetic")
     parser.add_argument(
-        "--engines", nargs="+", choices=["textbook", "sequential", "vectorized", "grad-only"],
+        "--engines", nargs="+", choices=["textbook", "sequential", "vectorized", "grad-only", "flop-bound"],
         default=["textbook", "sequential", "vectorized"],
-        help="grad-only: the forward and backward kernels alone, a bound for every engine",
+        help="grad-only: the forward and backward kernels alone, a bound for every engine; "
+        "flop-bound: the matmul/conv FLOPs at the device's fp32 matmul peak, a bound for any fp32 engine",
     )
     parser.add_argument("--max-parallel-clients", type=int, default=None, help="vectorized chunk size")
     parser.add_argument(
