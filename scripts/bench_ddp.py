@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fltool.config import config_from_dict
 from fltool.data import load_dataset
 from fltool.data.datasets import cache_root
+from fltool.devices import keep_freed_host_memory
 from fltool.distributed.comm import TorchComm, under_torchrun
 from fltool.distributed.optim import make_optimizer, make_scheduler
 from fltool.distributed.sharding import rank_batches
@@ -88,6 +89,7 @@ def main() -> None:
     cfg = config_from_dict(raw)
     comm = TorchComm.from_env(cfg)
     device, rank, world = comm.device, comm.rank, comm.world_size
+    keep_freed_host_memory(device)  # as the trainer does on CPU; all three loops run with it
     try:
         dataset = load_dataset(cfg.data, cfg.seed)  # also extracts the archives into the cache
         total = args.warmup + args.steps * args.rounds

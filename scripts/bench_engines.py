@@ -43,6 +43,7 @@ from fltool.algorithms import LocalRule, server_update
 from fltool.algorithms.sampling import generator_for, sample_clients
 from fltool.config.schema import DataConfig, SyntheticConfig
 from fltool.data import load_dataset
+from fltool.devices import keep_freed_host_memory
 from fltool.engine.batched_nets import make_batched_apply, supports
 from fltool.engine.cohort import ClientData, make_engine
 from fltool.models import build_model
@@ -309,6 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    # as fltool's trainers do on CPU; every engine here, the textbook loop too, runs with it
+    kept = keep_freed_host_memory(device)
+    print(f"malloc keeps freed memory: {kept}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, python {sys.version.split()[0]}")
     for name in WORKLOADS if args.workload == "all" else [args.workload]:
         bench(name, WORKLOADS[name], args, device)

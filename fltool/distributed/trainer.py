@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fltool.algorithms import derive_seed
 from fltool.config import Config
 from fltool.data import load_dataset
+from fltool.devices import keep_freed_host_memory
 from fltool.distributed.comm import broadcast_from_main
 from fltool.distributed.faults import maybe_inject_fault
 from fltool.distributed.optim import make_optimizer, make_scheduler, schedule_rule
@@ -96,6 +97,7 @@ def train_ddp(
     comm = comm or Comm()
     dcfg = cfg.ddp
     device = comm.device or resolve_device(cfg.device)
+    keep_freed_host_memory(device)
     dataset = load_dataset(cfg.data, cfg.seed).to(device)
     raw = seeded_model(cfg, dataset, device)  # same initial weights on every rank
     optimizer = make_optimizer(raw, dcfg)

@@ -20,6 +20,7 @@ from fltool.algorithms import rule_for, sample_clients, server_update
 from fltool.algorithms.sampling import generator_for
 from fltool.config import Config
 from fltool.data import load_dataset, partition
+from fltool.devices import keep_freed_host_memory
 from fltool.engine.checkpoint import make_checkpoint, save_checkpoint
 from fltool.engine.cohort import ClientData, make_engine
 from fltool.engine.evaluate import evaluate
@@ -82,6 +83,7 @@ def train_federated(
     t_setup = time.perf_counter()
     comm = comm or Comm()
     device = comm.device or resolve_device(cfg.device)
+    keep_freed_host_memory(device)
     dataset, clients = build_clients(cfg, device)
     model = seeded_model(cfg, dataset, device)
     fed = cfg.federated
