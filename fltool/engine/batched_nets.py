@@ -123,19 +123,25 @@ class FlattenGrouped(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, m: int) -> Tensor:
         ctx.shape = h.shape
-        return h.reshape(h.shape[0], m, -1).transpose(0, 1)
+        return _client_major(h, m)
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor, None]:
         return g.transpose(0, 1).reshape(ctx.shape).contiguous(memory_format=torch.channels_last), None
 
 
-def _flatten_grouped(h: Tensor, m: int) -> Tensor:
+def _client_major(h: Tensor, m: int) -> Tensor:
     """(B, M*C, H, W) -> (M, B, C*H*W): client m owns channels [m*C, (m+1)*C), so this
     keeps each client's (C, H, W) flattening order."""
+    return h.reshape(h.shape[0], m, -1).transpose(0, 1)
+
+
+def _flatten_grouped(h: Tensor, m: int) -> Tensor:
+    # channels-last (CPU) needs its gradient back in that layout; CUDA's default layout
+    # keeps the plain reshape, the form tested under graph capture
     if h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous():
         return FlattenGrouped.apply(h, m)
-    return h.reshape(h.shape[0], m, -1).transpose(0, 1)
+    return _client_major(h, m)
 
 
 def _grouped(h: Tensor, m: int) -> Tensor:
