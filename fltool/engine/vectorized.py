@@ -113,6 +113,8 @@ class VectorizedEngine:
     ) -> CohortResult:
         weighted = WeightedSum(global_params)
         loss_sum = torch.zeros((), device=global_params[0].device)
+        if not clients:  # a rank whose share of a small cohort is empty still joins the all-reduce
+            return CohortResult(weighted, loss_sum)
         self.model.train()
         pending = chunks(clients, self.chunk_size(global_params, clients, rule))
         while pending:

@@ -158,6 +158,17 @@ def test_federated_launch_equals_single_process_train(tmp_path):
     assert [r["test_accuracy"] for r in two] == pytest.approx([r["test_accuracy"] for r in one])
 
 
+def test_federated_launch_with_fewer_sampled_clients_than_ranks(tmp_path):
+    # one client a round on two ranks: rank 1 trains nothing and still joins the all-reduce
+    raw = _federated_config()
+    raw["federated"] = {**raw["federated"], "num_clients": 4, "fraction": 0.25, "rounds": 2, "engine": "vectorized"}
+    ref = _single_process(tmp_path / "single", raw)
+    done, two = _launch(tmp_path, "two", raw, "--nproc", "2")
+    assert done.returncode == 0, done.stderr
+    assert [r["clients"] for r in read_metrics(two)] == [1, 1]
+    assert_same_model(load_model(two), load_model(ref))
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -124,6 +124,18 @@ def test_chunking_matches_whole_cohort(chunk: int) -> None:
     torch.testing.assert_close(chunked.loss_sum, whole.loss_sum, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("engine", ["sequential", "vectorized"])
+def test_an_empty_share_of_the_cohort_adds_nothing(engine: str) -> None:
+    # under `launch`, a rank gets no clients when the cohort is smaller than the world
+    model = build_model("cnn_small", (1, 8, 8), 10)
+    params = global_params(model)
+    result = make_engine(engine, model, seed=3).train_cohort(params, [], RULES["fedavg"], 1)
+    assert result.weighted.total == 0
+    assert all(torch.count_nonzero(s) == 0 for s in result.weighted.sums)
+    assert [s.shape for s in result.weighted.sums] == [p.shape for p in params]
+    assert result.loss_sum.item() == 0
+
+
 def test_chunks_cover_the_cohort_once() -> None:
     clients = make_clients((2,))
     parts = chunks(clients, 4)
