@@ -21,8 +21,8 @@ CASES = {
     "fraction above one": ("federated: {fraction: 1.5}\n", [], ["federated.fraction: must be in (0, 1], got 1.5"]),
     "fraction zero": ("federated: {fraction: 0}\n", [], ["federated.fraction: must be in (0, 1]"]),
     "no clients": ("federated: {num_clients: 0}\n", [], ["federated.num_clients: must be >= 1, got 0"]),
-    "negative lr": ("federated: {lr: -0.1}\n", [], ["federated.lr: must be > 0, got -0.1"]),
-    "negative mu": ("mode: fedprox\nfederated: {mu: -1}\n", [], ["federated.mu: must be >= 0, got -1.0"]),
+    "negative lr": ("federated: {lr: -0.1}\n", [], ["federated.lr: must be a finite number > 0, got -0.1"]),
+    "negative mu": ("mode: fedprox\nfederated: {mu: -1}\n", [], ["federated.mu: must be a finite number >= 0, got -1.0"]),
     "rounds not a number": ("federated: {rounds: five}\n", [], ["federated.rounds: expected an integer, got 'five'"]),
     "bool is not an int": ("federated: {rounds: true}\n", [], ["federated.rounds: expected an integer"]),
     "batch size zero": ("federated: {batch_size: 0}\n", [], ["federated.batch_size: must be >= 1, got 0"]),
@@ -33,6 +33,24 @@ CASES = {
     "override without equals": (None, ["federated.rounds"], ["override 'federated.rounds' must look like key=value"]),
     "override unknown key": (None, ["federated.epochs=3"], ["command line: federated.epochs: unknown key"]),
     "shards exceed data": ("data: {partition: shards, shards_per_client: 1000}\n", [], ["data.shards_per_client:"]),
+    "more clients than examples": (
+        "data: {dataset: synthetic, synthetic: {train_size: 50}}\nfederated: {num_clients: 60}\n",
+        [],
+        ["federated.num_clients: 60 clients exceed the 50 training examples"],
+    ),
+    "infinite lr": ("federated: {lr: .inf}\n", [], ["federated.lr: must be a finite number > 0, got inf"]),
+    "infinite alpha": ("data: {partition: dirichlet, alpha: .inf}\n", [], ["data.alpha: must be a finite number > 0"]),
+    "nan mu": ("federated: {mu: .nan}\n", [], ["federated.mu: must be a finite number >= 0, got nan"]),
+    "seed beyond torch's range": ("seed: 18446744073709551616\n", [], ["seed: must be in [0, 2**63)"]),
+    "name with a path": ("name: ../../elsewhere\n", [], ["name: must be a non-empty name without '/'"]),
+    "cross-check from the command line": (
+        None, ["data.dataset=synthetic", "data.synthetic.shape=[1,28]"],
+        ["error: command line: data.synthetic.shape: must be [channels, height, width]"],
+    ),
+    "unknown section from the command line": (None, ["foo.bar=1"], ["error: command line: foo: unknown key"]),
+    "scalar made a mapping on the command line": (
+        None, ["federated.batch_size.x=1"], ["error: command line: federated.batch_size: expected an integer"],
+    ),
 }
 
 
@@ -58,6 +76,14 @@ def test_missing_config_file(tmp_path: Path):
     result = CliRunner().invoke(app, ["train", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: no such file"
+
+
+def test_config_that_is_not_utf8(tmp_path: Path):
+    path = tmp_path / "utf16.yaml"
+    path.write_bytes("mode: fedavg\n".encode("utf-16"))
+    result = CliRunner().invoke(app, ["train", str(path)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {path}: not a UTF-8 text file"
 
 
 def test_config_is_a_directory(tmp_path: Path):

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -18,7 +19,7 @@ import yaml
 from fltool.config.schema import Config
 from fltool.errors import FltoolError
 
-_MISSING = object()
+MNIST_TRAIN_SIZE = 60_000  # MNIST and FashionMNIST alike
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -50,6 +51,8 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         raise FltoolError(f"{path}: is a directory, expected a YAML file") from None
     except OSError as exc:
         raise FltoolError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise FltoolError(f"{path}: not a UTF-8 text file") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -86,7 +89,7 @@ def config_from_dict(
     errors = list(extra_errors or [])
     cfg = _build(Config, raw, "", source, provenance or {}, errors)
     if not errors:
-        _cross_checks(cfg, source, errors)
+        _cross_checks(cfg, lambda key: _source_of(key, source, provenance or {}), errors)
     if errors:
         raise FltoolError(*errors)
     return cfg
@@ -112,10 +115,18 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _source_of(dotted: str, source: str, prov: dict[str, str]) -> str:
+    """Where `dotted`'s value came from: the command line set it, or a key below it
+    (`foo.bar=1` creates `foo`), or else the file."""
+    if dotted in prov:
+        return prov[dotted]
+    return next((prov[k] for k in prov if k.startswith(dotted + ".")), source)
+
+
 def _build(cls: type, raw: Any, prefix: str, source: str, prov: dict[str, str], errors: list[str]):
     where = prefix.rstrip(".") or "<top level>"
     if not isinstance(raw, dict):
-        errors.append(f"{prov.get(where, source)}: {where}: expected a mapping, got {_show(raw)}")
+        errors.append(f"{_source_of(where, source, prov)}: {where}: expected a mapping, got {_show(raw)}")
         return cls()
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -126,13 +137,13 @@ def _build(cls: type, raw: Any, prefix: str, source: str, prov: dict[str, str], 
             candidates = [n for n in fields if dataclasses.is_dataclass(hints[n]) == isinstance(raw[key], dict)]
             close = difflib.get_close_matches(str(key), candidates or list(fields), n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
-            errors.append(f"{prov.get(dotted, source)}: {dotted}: unknown key{hint}")
+            errors.append(f"{_source_of(dotted, source, prov)}: {dotted}: unknown key{hint}")
     kwargs = {}
     for name, f in fields.items():
         if name not in raw:
             continue
         dotted = f"{prefix}{name}"
-        src = prov.get(dotted, source)
+        src = _source_of(dotted, source, prov)
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, raw[name], dotted + ".", source, prov, errors)
@@ -193,19 +204,26 @@ def _coerce(value: Any, tp: Any) -> tuple[Any, str | None]:
     return value, None
 
 
-def _cross_checks(cfg: Config, source: str, errors: list[str]) -> None:
-    """Rules that involve more than one field."""
-    if cfg.data.dataset == "synthetic" and any(s < 1 for s in cfg.data.synthetic.shape):
-        errors.append(f"{source}: data.synthetic.shape: every dimension must be >= 1")
-    if cfg.data.dataset == "synthetic" and len(cfg.data.synthetic.shape) != 3:
-        errors.append(f"{source}: data.synthetic.shape: must be [channels, height, width]")
-    if cfg.mode != "ddp" and cfg.data.partition == "shards":
+def _cross_checks(cfg: Config, source: Callable[[str], str], errors: list[str]) -> None:
+    """Rules that involve more than one field; `source(key)` names where a key was set."""
+    shape = cfg.data.synthetic.shape
+    if cfg.data.dataset == "synthetic" and any(s < 1 for s in shape):
+        errors.append(f"{source('data.synthetic.shape')}: data.synthetic.shape: every dimension must be >= 1")
+    if cfg.data.dataset == "synthetic" and len(shape) != 3:
+        errors.append(f"{source('data.synthetic.shape')}: data.synthetic.shape: must be [channels, height, width]")
+    if cfg.mode == "ddp":
+        return
+    size = cfg.data.synthetic.train_size if cfg.data.dataset == "synthetic" else MNIST_TRAIN_SIZE
+    if cfg.federated.num_clients > size:
+        errors.append(
+            f"{source('federated.num_clients')}: federated.num_clients: {cfg.federated.num_clients} clients "
+            f"exceed the {size} training examples"
+        )
+    elif cfg.data.partition == "shards" and cfg.federated.num_clients * cfg.data.shards_per_client > size:
         shards = cfg.federated.num_clients * cfg.data.shards_per_client
-        size = cfg.data.synthetic.train_size if cfg.data.dataset == "synthetic" else 60000
-        if shards > size:
-            errors.append(
-                f"{source}: data.shards_per_client: {shards} shards exceed the {size} training examples"
-            )
+        errors.append(
+            f"{source('data.shards_per_client')}: data.shards_per_client: {shards} shards exceed the {size} training examples"
+        )
 
 
 def _show(value: Any) -> str:

@@ -7,6 +7,7 @@ list them in its error message.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,8 +18,9 @@ def _check(pred, text: str) -> dict:
     return {"check": (pred, text)}
 
 
-POSITIVE = _check(lambda v: v > 0, "> 0")
-NON_NEGATIVE = _check(lambda v: v >= 0, ">= 0")
+# finite too: an infinite lr trains to NaN, an infinite Dirichlet alpha never returns
+POSITIVE = _check(lambda v: 0 < v < math.inf, "a finite number > 0")
+NON_NEGATIVE = _check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
 AT_LEAST_ONE = _check(lambda v: v >= 1, ">= 1")
 UNIT_INTERVAL_OPEN_LEFT = _check(lambda v: 0 < v <= 1, "in (0, 1]")
 UNIT_INTERVAL_CLOSED = _check(lambda v: 0 <= v <= 1, "in [0, 1]")
@@ -63,7 +65,7 @@ class FederatedConfig:
     server_lr: float = field(default=1.0, metadata=POSITIVE)
     mu: float = field(default=0.0, metadata=NON_NEGATIVE)  # FedProx proximal weight
     engine: Literal["sequential", "vectorized", "auto"] = "sequential"
-    # vectorized engine: clients trained at once per chunk; null = the whole cohort
+    # vectorized engine: clients trained at once per chunk; null = as many as a memory budget holds
     max_parallel_clients: int | None = field(default=None, metadata=AT_LEAST_ONE)
     # vectorized engine on CUDA: capture each chunk shape's local step once, replay it per step
     cuda_graphs: bool = True
@@ -102,9 +104,13 @@ class OutputConfig:
 
 @dataclass
 class Config:
-    name: str = "experiment"
+    # a path component of the run directory, runs/<name>/<timestamp>
+    name: str = field(
+        default="experiment",
+        metadata=_check(lambda v: v not in ("", ".", "..") and not set("/\\") & set(v), "a non-empty name without '/' or '\\'"),
+    )
     mode: Mode = "fedavg"
-    seed: int = 0
+    seed: int = field(default=0, metadata=_check(lambda v: 0 <= v < 2**63, "in [0, 2**63)"))  # torch's seed range
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

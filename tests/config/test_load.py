@@ -62,7 +62,7 @@ def test_all_problems_are_collected_in_one_error(tmp_path: Path):
     joined = "\n".join(lines)
     assert "mode: must be one of fedavg, fedsgd, fedprox, ddp; got 'fedsdg'" in joined
     assert "federated.fraction: must be in (0, 1], got 0.0" in joined
-    assert "federated.lr: must be > 0, got -1.0" in joined
+    assert "federated.lr: must be a finite number > 0, got -1.0" in joined
     assert "federated.roundz: unknown key; did you mean 'federated.rounds'?" in joined
 
 

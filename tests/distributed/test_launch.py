@@ -102,7 +102,7 @@ def test_bad_config_starts_no_worker(tmp_path):
     done = run_cli("launch", "--nproc", "2", str(cfg), "ddp.lr=-1", "ddp.optimizer=lion", cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
-        "error: command line: ddp.lr: must be > 0, got -1.0",
+        "error: command line: ddp.lr: must be a finite number > 0, got -1.0",
         "error: command line: ddp.optimizer: must be one of sgd, momentum, adamw; got 'lion'",
     ]
     assert not (tmp_path / "runs").exists()
