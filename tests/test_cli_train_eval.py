@@ -113,3 +113,95 @@ def test_ctrl_c_says_how_to_continue_or_that_there_is_nothing_to_resume(
     done = runner.invoke(app, ["train", "--resume", str(late_dir)])
     assert done.exit_code == 0, done.output
     assert [r["round"] for r in read_metrics(late_dir)] == [1, 2, 3]
+
+
+def test_resume_refuses_a_changed_experiment_and_leaves_the_run_as_it_was(make_config, tmp_path: Path):
+    from fltool.config import dump_config
+
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(dump_config(make_config()))
+    runner = CliRunner()
+    assert runner.invoke(app, ["train", str(cfg_path), "federated.rounds=2"]).exit_code == 0
+    run_dir = only_run_dir(tmp_path / "runs")
+    before = (run_dir / "config.yaml").read_text()
+    refused = runner.invoke(app, ["train", "--resume", str(run_dir), "model.name=cnn", "seed=7", "federated.rounds=4"])
+    assert refused.exit_code == 2, refused.output
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in refused.output
+    assert lines[0].startswith("error: command line: seed: a resumed run cannot change it (the run has 0, got 7)")
+    assert lines[1].startswith("error: command line: model.name: a resumed run cannot change it (the run has 'mlp', got 'cnn')")
+    assert "it may change name, output.dir, output.run_dir, federated.rounds, ddp.epochs, eval.*" in lines[0]
+    assert (run_dir / "config.yaml").read_text() == before
+    # still resumable, and what a resume may change it changes
+    more = runner.invoke(app, ["train", "--resume", str(run_dir), "federated.rounds=3", "eval.every=2"])
+    assert more.exit_code == 0, more.output
+    assert [r["round"] for r in read_metrics(run_dir)] == [1, 2, 3]
+
+
+def test_resume_refuses_a_checkpoint_from_another_experiment(make_config, tmp_path: Path):
+    from fltool.config import dump_config
+
+    runner = CliRunner()
+    for name, seed in [("a", 0), ("b", 1)]:
+        cfg_path = tmp_path / f"{name}.yaml"
+        cfg_path.write_text(dump_config(make_config(seed=seed, output={"run_dir": str(tmp_path / name)})))
+        assert runner.invoke(app, ["train", str(cfg_path), "federated.rounds=1"]).exit_code == 0
+    foreign = tmp_path / "b" / "checkpoints" / "last.pt"
+    (tmp_path / "a" / "checkpoints" / "last.pt").write_bytes(foreign.read_bytes())
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path / "a"), "federated.rounds=2"])
+    assert result.exit_code == 2, result.output
+    last = tmp_path / "a" / "checkpoints" / "last.pt"
+    assert result.stderr.strip() == f"error: {last}: was trained with seed=1, but the run's config has 0"
+    assert "rounds: 1" in (tmp_path / "a" / "config.yaml").read_text()
+
+
+def test_a_model_too_big_for_the_inputs_fails_up_front_and_leaves_no_run(make_config, tmp_path: Path):
+    from fltool.config import dump_config
+
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(dump_config(make_config(output={"run_dir": str(tmp_path / "run")})))
+    result = CliRunner().invoke(app, ["train", str(cfg_path), "model.name=cnn", "data.synthetic.shape=[1,3,3]"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == "error: model.name: cnn needs inputs of at least 4x4; data.synthetic.shape is [1, 3, 3]"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_crash_in_set_up_leaves_no_run_behind(make_config, monkeypatch, tmp_path: Path):
+    import fltool.engine.federated as federated
+    from fltool.engine.runner import start_run
+    from fltool.ui import PlainReporter
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("set-up failed")
+
+    monkeypatch.setattr(federated, "load_dataset", broken)
+    cfg = make_config(output={"run_dir": str(tmp_path / "run")})
+    try:
+        start_run(cfg, PlainReporter("round"))
+    except RuntimeError as exc:
+        assert str(exc) == "set-up failed"
+    else:
+        raise AssertionError("start_run should have raised")
+    assert not (tmp_path / "run").exists()  # so the same command can simply be rerun
+
+
+def test_run_directory_that_cannot_be_created(make_config, tmp_path: Path):
+    from fltool.config import dump_config
+
+    (tmp_path / "afile").write_text("")
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(dump_config(make_config()))
+    runner = CliRunner()
+    for override, key in [(f"output.run_dir={tmp_path / 'afile' / 'run'}", "output.run_dir"),
+                          (f"output.dir={tmp_path / 'afile'}", "output.dir")]:
+        result = runner.invoke(app, ["train", str(cfg_path), override])
+        assert result.exit_code == 2, result.output
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: {key}: cannot create the run directory: {tmp_path / 'afile'}")
+        assert line.endswith("Not a directory")
+
+
+def test_eval_rejects_an_unknown_device(tmp_path: Path):
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "missing.pt"), "--device", "tpu"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: --device: must be one of auto, cpu, cuda; got 'tpu'"

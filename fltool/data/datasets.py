@@ -52,6 +52,13 @@ class Dataset:
         return Dataset(self.name, self.train.to(device), self.test.to(device), self.num_classes)
 
 
+def data_shape(cfg: DataConfig) -> tuple[tuple[int, ...], int]:
+    """(input shape [C, H, W], number of classes) of the configured dataset, without loading it."""
+    if cfg.dataset == "synthetic":
+        return tuple(cfg.synthetic.shape), cfg.synthetic.num_classes
+    return (1, 28, 28), 10  # MNIST and FashionMNIST
+
+
 def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     if cfg.dataset == "synthetic":
         return make_synthetic(cfg.synthetic, seed)

@@ -20,7 +20,10 @@ from fltool.config import Config, dump_config, load_config
 from fltool.distributed.comm import TORCHRUN_ENV, resolve_backend, under_torchrun
 from fltool.engine.atomic import atomic_write_text
 from fltool.engine.metrics import read_metrics
-from fltool.engine.rundir import CONFIG_FILE, RunInterrupted, create_run_dir
+from fltool.engine.checkpoint import load_checkpoint
+from fltool.engine.resume import check_checkpoint_matches, resume_config
+from fltool.engine.rundir import CONFIG_FILE, RunInterrupted, create_run_dir, last_checkpoint
+from fltool.engine.setup import check_model_fits
 from fltool.errors import FltoolError
 
 WORKER_MODULE = "fltool.distributed.worker"
@@ -135,13 +138,14 @@ def prepare(
     check_not_nested()
     check_options(opts)
     if resume is not None:
-        if not (resume / CONFIG_FILE).is_file():
-            raise FltoolError(f"{resume}: not a run directory (no {CONFIG_FILE})")
-        cfg = load_config(resume / CONFIG_FILE, overrides)
+        cfg = resume_config(resume, overrides)
+        if last_checkpoint(resume).is_file():  # none yet: the workers start the run afresh
+            check_checkpoint_matches(load_checkpoint(last_checkpoint(resume)), cfg, last_checkpoint(resume))
     else:
         if config is None:
             raise FltoolError("launch: missing CONFIG; usage: fltool launch --nproc N CONFIG.yaml [key=value ...]")
         cfg = load_config(config, overrides)
+    check_model_fits(cfg)
     check_devices(cfg, opts.nproc)
     check_shared_run_dir(cfg, opts, resume)
     return cfg, resume

@@ -15,11 +15,11 @@ from fltool.models import build_model
 
 
 def evaluate_checkpoint(path: Path, data_root: str | None = None, device: str = "auto") -> dict[str, Any]:
+    dev = resolve_device(device, key="--device")
     state = load_checkpoint(path)
     cfg = checkpoint_config(state, path)
     if data_root is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=data_root))
-    dev = resolve_device(device)
     dataset = load_dataset(cfg.data, cfg.seed).to(dev)
     model = build_model(cfg.model.name, dataset.input_shape, dataset.num_classes).to(dev)
     try:

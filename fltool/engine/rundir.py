@@ -17,9 +17,18 @@ BEST = "best.pt"
 
 def create_run_dir(cfg: Config) -> Path:
     """Make a fresh run directory and write the resolved config into it."""
+    key = "output.run_dir" if cfg.output.run_dir else "output.dir"
+    try:
+        return _create_run_dir(cfg)
+    except OSError as exc:  # a file in the way, no permission, a read-only filesystem, ...
+        where = f": {exc.filename}" if exc.filename else ""
+        raise FltoolError(f"{key}: cannot create the run directory{where}: {exc.strerror or exc}") from None
+
+
+def _create_run_dir(cfg: Config) -> Path:
     if cfg.output.run_dir:
         run_dir = Path(cfg.output.run_dir)
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.is_dir() and any(run_dir.iterdir()):
             raise FltoolError(f"output.run_dir: {run_dir} already exists and is not empty; runs are never overwritten")
         run_dir.mkdir(parents=True, exist_ok=True)
     else:

@@ -6,11 +6,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fltool.config import Config, dump_config, load_config
+from fltool.config import Config, dump_config
 from fltool.engine.atomic import atomic_write_text
 from fltool.engine.checkpoint import load_checkpoint
 from fltool.engine.federated import RunSummary, train_federated
+from fltool.engine.resume import check_checkpoint_matches, resume_config
 from fltool.engine.rundir import CONFIG_FILE, RunInterrupted, create_run_dir, last_checkpoint
+from fltool.engine.setup import check_model_fits
 from fltool.errors import FltoolError
 from fltool.ui import PlainReporter
 
@@ -47,24 +49,25 @@ def run(cfg: Config, run_dir: Path, reporter: PlainReporter, resume: dict[str, A
 
 
 def start_run(cfg: Config, reporter: PlainReporter) -> RunSummary:
+    check_model_fits(cfg)
     run_dir = create_run_dir(cfg)
     try:
         return run(cfg, run_dir, reporter)
-    except FltoolError:
-        # Failed before a single round was logged (bad data root, ...): leave no empty run behind.
+    except Exception:
+        # Failed before a single round was logged (bad data root, a crash in set-up, ...):
+        # leave no empty run behind, which would also block a rerun with the same run_dir.
         if not (run_dir / "metrics.jsonl").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 
 def resume_run(run_dir: Path, overrides: list[str], reporter: PlainReporter) -> RunSummary:
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise FltoolError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
-    cfg = load_config(run_dir / CONFIG_FILE, overrides)
-    if overrides:  # the run directory's config must describe what the run actually did
-        atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
+    cfg = resume_config(run_dir, overrides)
     ckpt_path = last_checkpoint(run_dir)
     if not ckpt_path.is_file():
         raise FltoolError(f"{run_dir}: no checkpoint to resume from ({ckpt_path} is missing)")
     state = load_checkpoint(ckpt_path)
+    check_checkpoint_matches(state, cfg, ckpt_path)
+    if overrides:  # only now, once the resume is known to be valid: the run's config says what it does
+        atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
     return run(cfg, run_dir, reporter, resume=state)

@@ -108,6 +108,26 @@ def test_bad_config_starts_no_worker(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_launch_resume_refuses_a_changed_experiment_before_starting_workers(tmp_path):
+    run_dir = _single_process(tmp_path / "run", {**ddp_config(), "ddp": {**ddp_config()["ddp"], "epochs": 1}})
+    before = (run_dir / "config.yaml").read_text()
+    done = run_cli("launch", "--nproc", "2", "--resume", str(run_dir), "ddp.lr=0.5", "ddp.epochs=2", cwd=tmp_path)
+    assert done.returncode == 2
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("error: command line: ddp.lr: a resumed run cannot change it (the run has 0.05, got 0.5)")
+    assert (run_dir / "config.yaml").read_text() == before
+    assert not (run_dir / "torchrun").exists()
+
+
+def test_a_model_too_big_for_the_inputs_starts_no_worker(tmp_path):
+    raw = {**ddp_config(), "model": {"name": "cnn_cifar"}, "output": {"dir": str(tmp_path / "runs")}}
+    raw["data"] = {**raw["data"], "synthetic": {**raw["data"]["synthetic"], "shape": [1, 4, 4]}}
+    done = run_cli("launch", "--nproc", "2", str(write_config(tmp_path / "c.yaml", raw)), cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["error: model.name: cnn_cifar needs inputs of at least 6x6; data.synthetic.shape is [1, 4, 4]"]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_two_concurrent_launches_do_not_collide(tmp_path):
     procs = []
     for name in ("a", "b"):

@@ -1,0 +1,93 @@
+"""Resuming a run: which settings may change, checked before anything is written.
+
+A resumed run must continue the experiment its checkpoints come from. It may run
+longer, evaluate and checkpoint differently, and compute elsewhere or faster; a new
+seed, mode, model, data split or hyperparameter would make it another experiment (or
+not load at all), so those are refused, and the run directory is left as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from fltool.config import Config, load_config
+from fltool.engine.checkpoint import checkpoint_config
+from fltool.engine.rundir import CONFIG_FILE
+from fltool.errors import FltoolError
+
+# dotted keys, or prefixes ending in "."
+RESUME_MAY_CHANGE = (
+    "name",  # where the run lives: a run directory may have been moved or copied
+    "output.dir",
+    "output.run_dir",
+    "federated.rounds",
+    "ddp.epochs",
+    "eval.",
+    "output.checkpoint_every",
+    "device",
+    "data.root",
+    "data.cache",
+    "federated.engine",
+    "federated.max_parallel_clients",
+    "federated.cuda_graphs",
+    "ddp.backend",
+    "ddp.timeout_s",
+    "ddp.compile",
+)
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> Config:
+    """The run's own config.yaml with `overrides` applied, refused (with every offending
+    key named) when an override is one a resumed run may not change."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise FltoolError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+    cfg = load_config(path, overrides)
+    problems = [
+        f"command line: {key}: a resumed run cannot change it (the run has {old!r}, got {new!r}); "
+        f"it may change {allowed_text()}"
+        for key, old, new in changed_settings(load_config(path), cfg)
+        if not may_change(key)
+    ]
+    if problems:
+        raise FltoolError(*problems)
+    return cfg
+
+
+def check_checkpoint_matches(state: dict[str, Any], cfg: Config, path: Path) -> None:
+    """A checkpoint resumes only the experiment it was trained in (one copied from
+    another run would fail to load, or silently continue the wrong one)."""
+    trained = checkpoint_config(state, path)
+    problems = [
+        f"{path}: was trained with {key}={old!r}, but the run's config has {new!r}"
+        for key, old, new in changed_settings(trained, cfg)
+        if not may_change(key)
+    ]
+    if problems:
+        raise FltoolError(*problems)
+
+
+def changed_settings(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every setting that differs."""
+    a, b = _flatten(dataclasses.asdict(old)), _flatten(dataclasses.asdict(new))
+    return [(key, a[key], b[key]) for key in a if a[key] != b[key]]
+
+
+def may_change(key: str) -> bool:
+    return any(key == allowed or (allowed.endswith(".") and key.startswith(allowed)) for allowed in RESUME_MAY_CHANGE)
+
+
+def allowed_text() -> str:
+    return ", ".join(f"{k}*" if k.endswith(".") else k for k in RESUME_MAY_CHANGE)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
