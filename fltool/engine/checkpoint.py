@@ -34,7 +34,6 @@ def make_checkpoint(
         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "metrics": metrics,
         "best_accuracy": best_accuracy,
-        "rng": {"torch": torch.get_rng_state()},
         "extra": extra or {},
     }
 

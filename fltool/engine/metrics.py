@@ -1,13 +1,15 @@
 """Per-round metrics, rewritten atomically as CSV and JSON lines after every round.
 
-The trainers flush a round's row after its checkpoint, so the files on disk never run
-ahead of the last checkpoint."""
+The trainers flush a round's row after that round's checkpoint, so with a checkpoint
+every round the files on disk never run ahead of it. A diverged run's NaN or infinite
+values are written as null: JSON has no NaN, and strict parsers reject Python's."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,8 @@ class MetricsLog:
         self.rows: list[dict[str, Any]] = list(rows or [])
 
     def flush(self) -> None:
-        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+        lines = (json.dumps({k: _finite_or_none(v) for k, v in r.items()}, allow_nan=False) + "\n" for r in self.rows)
+        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(lines))
         atomic_write_text(self.run_dir / "metrics.csv", to_csv(self.rows))
 
 
@@ -36,6 +39,10 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         writer.writerow({k: _cell(v) for k, v in row.items()})
     return buf.getvalue()
+
+
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _cell(value: Any) -> Any:
