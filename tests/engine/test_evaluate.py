@@ -1,0 +1,31 @@
+"""Test-set evaluation against a hand computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fltool.data import TensorSplit
+from fltool.engine.evaluate import evaluate
+
+
+def test_loss_accuracy_and_per_class_accuracy_match_a_direct_computation() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(103, 5, generator=g)
+    y = torch.randint(0, 4, (103,), generator=g)
+    y[y == 3] = 2  # class 3 absent from the test set: its accuracy is 0, not a division by zero
+    model = nn.Linear(5, 4)
+    model.train()
+    result = evaluate(model, TensorSplit(x, y), batch_size=10, num_classes=4)  # a partial last batch
+    with torch.no_grad():
+        logits = model(x)
+    pred = logits.argmax(1)
+    assert result.examples == 103
+    assert result.loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    assert result.accuracy == (pred == y).sum().item() / 103
+    for c in range(3):
+        assert result.per_class[c] == pytest.approx(((pred == y) & (y == c)).sum().item() / (y == c).sum().item())
+    assert result.per_class[3] == 0.0
+    assert model.training  # left in the mode it was in
