@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fltool.config import Config, config_from_dict
+from fltool.engine.checkpoint import Checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -70,11 +71,11 @@ def interrupt_checkpoint_write(monkeypatch: pytest.MonkeyPatch):
     def patch(module: object, round_: int, when: str) -> None:
         real_save = originals.setdefault(id(module), module.save_checkpoint)
 
-        def interrupting_save(state: dict, path: Path) -> None:
-            if state["round"] == round_ and when == "before":
+        def interrupting_save(state: Checkpoint, path: Path) -> None:
+            if state.round == round_ and when == "before":
                 raise KeyboardInterrupt
             real_save(state, path)
-            if state["round"] == round_ and when == "after":
+            if state.round == round_ and when == "after":
                 raise KeyboardInterrupt
 
         monkeypatch.setattr(module, "save_checkpoint", interrupting_save)

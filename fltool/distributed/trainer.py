@@ -30,7 +30,7 @@ from fltool.distributed.comm import broadcast_from_main
 from fltool.distributed.faults import maybe_inject_fault
 from fltool.distributed.optim import make_optimizer, make_scheduler, schedule_rule
 from fltool.distributed.sharding import rank_batches, steps_per_epoch
-from fltool.engine.checkpoint import make_checkpoint, save_checkpoint
+from fltool.engine.checkpoint import Checkpoint, make_checkpoint, save_checkpoint
 from fltool.engine.evaluate import evaluate
 from fltool.engine.federated import Comm, RunSummary, summarize
 from fltool.engine.metrics import MetricsLog
@@ -90,7 +90,7 @@ def train_ddp(
     cfg: Config,
     run_dir: Path,
     on_row: RowCallback | None = None,
-    resume: dict[str, Any] | None = None,
+    resume: Checkpoint | None = None,
     comm: Comm | None = None,
 ) -> RunSummary:
     t_setup = time.perf_counter()
@@ -108,13 +108,13 @@ def train_ddp(
     log = MetricsLog(run_dir)
     start, best = 1, None
     if resume is not None:
-        raw.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["extra"]["optimizer"])
-        scheduler.load_state_dict(resume["extra"]["scheduler"])
+        raw.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.extra["optimizer"])
+        scheduler.load_state_dict(resume.extra["scheduler"])
         # LambdaLR restores the rule's fields too; the (maybe overridden) config decides them.
         scheduler.lr_lambdas[0] = schedule_rule(dcfg, dcfg.epochs * steps)
-        start, best = resume["round"] + 1, resume["best_accuracy"]
-        log.rows = list(resume["metrics"])
+        start, best = resume.round + 1, resume.best_accuracy
+        log.rows = list(resume.metrics)
 
     ddp = wrap_model(raw, device)
     model = torch.compile(ddp) if dcfg.compile else ddp

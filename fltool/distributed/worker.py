@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from fltool.config import load_config
 from fltool.data import load_dataset
 from fltool.distributed.comm import TorchComm
-from fltool.engine.checkpoint import load_checkpoint
+from fltool.engine.checkpoint import Checkpoint, load_checkpoint
 from fltool.engine.federated import RunSummary, train_federated
 from fltool.engine.rundir import CONFIG_FILE, last_checkpoint
 from fltool.engine.runner import summary_dict
@@ -29,12 +28,12 @@ from fltool.ui import PlainReporter
 def run_worker(run_dir: Path) -> RunSummary:
     cfg = load_config(run_dir / CONFIG_FILE)
     ckpt = last_checkpoint(run_dir)
-    resume: dict[str, Any] | None = load_checkpoint(ckpt) if ckpt.is_file() else None
+    resume: Checkpoint | None = load_checkpoint(ckpt) if ckpt.is_file() else None
     comm = TorchComm.from_env(cfg)
     clean = False
     try:
         # Every rank must resume from the same point, or their collectives would not match.
-        lowest, highest = comm.min_max(resume["round"] if resume else 0)
+        lowest, highest = comm.min_max(resume.round if resume else 0)
         if lowest != highest:
             raise FltoolError(
                 f"{run_dir}: ranks found checkpoints of different rounds/epochs ({lowest} to {highest}); "
@@ -50,7 +49,7 @@ def run_worker(run_dir: Path) -> RunSummary:
         total = cfg.ddp.epochs if cfg.mode == "ddp" else cfg.federated.rounds
         reporter = PlainReporter(unit)  # workers' stdout goes to log files: no rich
         if comm.is_main:
-            first = resume["round"] + 1 if resume else 1
+            first = resume.round + 1 if resume else 1
             reporter.start(f"{cfg.name} (rank 0 of {comm.world_size})", str(run_dir), first, total)
         on_row = reporter.update if comm.is_main else None
         if cfg.mode == "ddp":

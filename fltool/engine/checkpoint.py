@@ -1,14 +1,16 @@
-"""Checkpoints: a plain dict of tensors and primitives, loadable with weights_only=True."""
+"""Checkpoints: on disk a plain dict of tensors and primitives, loadable with
+`torch.load(..., weights_only=True)`; in the code a typed `Checkpoint`."""
 
 from __future__ import annotations
 
 import pickle
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fltool.config import Config, config_from_dict, config_to_dict
 from fltool.engine.atomic import atomic_torch_save
@@ -18,6 +20,28 @@ FORMAT = "fltool.checkpoint"
 VERSION = 1
 
 
+@dataclass
+class Checkpoint:
+    config: Config  # the config the run was trained with
+    round: int  # the last completed round (epoch, for DDP)
+    model: dict[str, Tensor]  # the global model's state dict, on the CPU
+    metrics: list[dict[str, Any]]  # every metrics row up to `round`
+    best_accuracy: float | None
+    extra: dict[str, Any] = field(default_factory=dict)  # DDP: optimizer and scheduler state
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "config": config_to_dict(self.config),
+            "round": self.round,
+            "model": self.model,
+            "metrics": self.metrics,
+            "best_accuracy": self.best_accuracy,
+            "extra": self.extra,
+        }
+
+
 def make_checkpoint(
     cfg: Config,
     model: nn.Module,
@@ -25,24 +49,16 @@ def make_checkpoint(
     metrics: list[dict[str, Any]],
     best_accuracy: float | None,
     extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "config": config_to_dict(cfg),
-        "round": round_,
-        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "metrics": metrics,
-        "best_accuracy": best_accuracy,
-        "extra": extra or {},
-    }
+) -> Checkpoint:
+    weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return Checkpoint(cfg, round_, weights, list(metrics), best_accuracy, extra or {})
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    atomic_torch_save(state, path)
+def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> None:
+    atomic_torch_save(ckpt.to_dict(), path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise FltoolError(f"{path}: no such checkpoint file")
@@ -55,11 +71,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FltoolError(f"{path}: not an fltool checkpoint (missing format marker '{FORMAT}')")
     if state.get("version") != VERSION:
         raise FltoolError(f"{path}: checkpoint version {state.get('version')} is not supported (expected {VERSION})")
-    return state
-
-
-def checkpoint_config(state: dict[str, Any], path: str | Path) -> Config:
-    try:
-        return config_from_dict(state["config"], f"{path} (stored config)")
-    except KeyError:
-        raise FltoolError(f"{path}: checkpoint holds no config") from None
+    missing = [k for k in ("config", "round", "model", "metrics", "best_accuracy") if k not in state]
+    if missing:
+        raise FltoolError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    return Checkpoint(
+        config=config_from_dict(state["config"], f"{path} (stored config)"),
+        round=state["round"],
+        model=state["model"],
+        metrics=state["metrics"],
+        best_accuracy=state["best_accuracy"],
+        extra=state.get("extra", {}),
+    )

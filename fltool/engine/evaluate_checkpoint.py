@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fltool.data import load_dataset
-from fltool.engine.checkpoint import checkpoint_config, load_checkpoint
+from fltool.engine.checkpoint import load_checkpoint
 from fltool.engine.evaluate import evaluate
 from fltool.engine.setup import resolve_device
 from fltool.errors import FltoolError
@@ -16,14 +16,14 @@ from fltool.models import build_model
 
 def evaluate_checkpoint(path: Path, data_root: str | None = None, device: str = "auto") -> dict[str, Any]:
     dev = resolve_device(device, key="--device")
-    state = load_checkpoint(path)
-    cfg = checkpoint_config(state, path)
+    ckpt = load_checkpoint(path)
+    cfg = ckpt.config
     if data_root is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=data_root))
     dataset = load_dataset(cfg.data, cfg.seed).to(dev)
     model = build_model(cfg.model.name, dataset.input_shape, dataset.num_classes).to(dev)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(ckpt.model)
     except (RuntimeError, KeyError) as exc:
         raise FltoolError(f"{path}: model weights do not match model '{cfg.model.name}': {str(exc).splitlines()[0]}") from None
     result = evaluate(model, dataset.test, cfg.eval.batch_size, dataset.num_classes)
@@ -32,7 +32,7 @@ def evaluate_checkpoint(path: Path, data_root: str | None = None, device: str = 
         "mode": cfg.mode,
         "model": cfg.model.name,
         "dataset": cfg.data.dataset,
-        "round": state["round"],
+        "round": ckpt.round,
         "accuracy": result.accuracy,
         "loss": result.loss,
         "per_class_accuracy": result.per_class,

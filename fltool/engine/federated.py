@@ -21,7 +21,7 @@ from fltool.algorithms.sampling import generator_for
 from fltool.config import Config
 from fltool.data import load_dataset, partition
 from fltool.devices import keep_freed_host_memory
-from fltool.engine.checkpoint import make_checkpoint, save_checkpoint
+from fltool.engine.checkpoint import Checkpoint, make_checkpoint, save_checkpoint
 from fltool.engine.cohort import ClientData, make_engine
 from fltool.engine.evaluate import evaluate
 from fltool.engine.metrics import MetricsLog
@@ -77,7 +77,7 @@ def train_federated(
     cfg: Config,
     run_dir: Path,
     on_round: RoundCallback | None = None,
-    resume: dict[str, Any] | None = None,
+    resume: Checkpoint | None = None,
     comm: Comm | None = None,
 ) -> RunSummary:
     t_setup = time.perf_counter()
@@ -94,9 +94,9 @@ def train_federated(
     log = MetricsLog(run_dir)
     start, best = 1, None
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        start, best = resume["round"] + 1, resume["best_accuracy"]
-        log.rows = list(resume["metrics"])
+        model.load_state_dict(resume.model)
+        start, best = resume.round + 1, resume.best_accuracy
+        log.rows = list(resume.metrics)
     elapsed0 = log.rows[-1]["elapsed_s"] if log.rows else 0.0
     t0 = time.perf_counter()
     params = list(model.parameters())

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fltool.config import Config, load_config
-from fltool.engine.checkpoint import checkpoint_config
+from fltool.engine.checkpoint import Checkpoint
 from fltool.engine.rundir import CONFIG_FILE
 from fltool.errors import FltoolError
 
@@ -56,13 +56,12 @@ def resume_config(run_dir: Path, overrides: list[str]) -> Config:
     return cfg
 
 
-def check_checkpoint_matches(state: dict[str, Any], cfg: Config, path: Path) -> None:
+def check_checkpoint_matches(ckpt: Checkpoint, cfg: Config, path: Path) -> None:
     """A checkpoint resumes only the experiment it was trained in (one copied from
     another run would fail to load, or silently continue the wrong one)."""
-    trained = checkpoint_config(state, path)
     problems = [
         f"{path}: was trained with {key}={old!r}, but the run's config has {new!r}"
-        for key, old, new in changed_settings(trained, cfg)
+        for key, old, new in changed_settings(ckpt.config, cfg)
         if not may_change(key)
     ]
     if problems:

@@ -8,7 +8,7 @@ from typing import Any
 
 from fltool.config import Config, dump_config
 from fltool.engine.atomic import atomic_write_text
-from fltool.engine.checkpoint import load_checkpoint
+from fltool.engine.checkpoint import Checkpoint, load_checkpoint
 from fltool.engine.federated import RunSummary, train_federated
 from fltool.engine.resume import check_checkpoint_matches, resume_config
 from fltool.engine.rundir import CONFIG_FILE, RunInterrupted, create_run_dir, last_checkpoint
@@ -30,8 +30,8 @@ def summary_dict(summary: RunSummary) -> dict[str, Any]:
     }
 
 
-def run(cfg: Config, run_dir: Path, reporter: PlainReporter, resume: dict[str, Any] | None = None) -> RunSummary:
-    first = resume["round"] + 1 if resume else 1
+def run(cfg: Config, run_dir: Path, reporter: PlainReporter, resume: Checkpoint | None = None) -> RunSummary:
+    first = resume.round + 1 if resume else 1
     try:
         if cfg.mode == "ddp":
             from fltool.distributed.trainer import train_ddp

@@ -48,7 +48,7 @@ def test_fedsgd_with_c_1_is_one_full_batch_step_on_the_union(make_config, tmp_pa
     )
     run_dir = create_run_dir(cfg)
     train_federated(cfg, run_dir)
-    after = load_checkpoint(last_checkpoint(run_dir))["model"]
+    after = load_checkpoint(last_checkpoint(run_dir)).model
 
     dataset = load_dataset(cfg.data, cfg.seed)
     _, clients = build_clients(cfg, torch.device("cpu"))
@@ -71,7 +71,7 @@ def test_fedprox_with_mu_zero_equals_fedavg(make_config):
     for cfg in (avg, prox):
         run_dir = create_run_dir(cfg)
         train_federated(cfg, run_dir)
-        results.append(load_checkpoint(last_checkpoint(run_dir))["model"])
+        results.append(load_checkpoint(last_checkpoint(run_dir)).model)
     for name in results[0]:
         assert torch.equal(results[0][name], results[1][name])
 

@@ -42,7 +42,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         start_run(cut, StopAt(2))
     saved = load_checkpoint(cut.output.run_dir + "/checkpoints/last.pt")  # loadable after Ctrl-C
-    assert saved["round"] == 2 and set(saved["extra"]) >= {"optimizer", "scheduler", "epoch"}
+    assert saved.round == 2 and set(saved.extra) >= {"optimizer", "scheduler", "epoch"}
 
     resumed = resume_run(Path(cut.output.run_dir), [], PlainReporter("epoch"))
     assert resumed.rounds_completed == full.rounds_completed == 4
@@ -60,7 +60,7 @@ def test_interrupt_at_a_checkpoint_write_leaves_metrics_not_ahead_of_it(tmp_path
     with pytest.raises(KeyboardInterrupt):
         start_run(cut, PlainReporter("epoch"))
     run_dir = Path(cut.output.run_dir)
-    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["round"] == (2 if when == "after" else 1)
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt").round == (2 if when == "after" else 1)
     assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1]
 
 

@@ -306,7 +306,7 @@ def test_ctrl_c_stops_cleanly_and_launch_resume_continues(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert f"--resume {run_dir}" in err.splitlines()[-1]
-    stopped_at = load_checkpoint(run_dir / "checkpoints" / "last.pt")["round"]
+    stopped_at = load_checkpoint(run_dir / "checkpoints" / "last.pt").round
     assert 1 <= stopped_at < 400
 
     done = run_cli("launch", "--nproc", "2", "--resume", str(run_dir), f"ddp.epochs={stopped_at + 2}", cwd=tmp_path)

@@ -116,7 +116,7 @@ def test_cuda_run_is_reproducible_and_resumes_to_the_same_model(make_config) -> 
     runs = [run(cfg), run(cfg)]
     broken = interrupted_run(cfg, after_round=2)
     resume_run(broken, [], PlainReporter())
-    models = [load_checkpoint(last_checkpoint(d))["model"] for d in (*runs, broken)]
+    models = [load_checkpoint(last_checkpoint(d)).model for d in (*runs, broken)]
     for other in models[1:]:
         assert all(torch.equal(models[0][k], other[k]) for k in models[0])
     metrics = [strip_timing(read_metrics(d)) for d in (*runs, broken)]

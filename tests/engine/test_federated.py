@@ -32,7 +32,7 @@ def test_same_seed_gives_bitwise_identical_metrics_and_model(make_config):
     a, b = run(cfg), run(cfg)
     assert a != b  # runs are never overwritten
     assert strip_timing(read_metrics(a)) == strip_timing(read_metrics(b))
-    ma, mb = (load_checkpoint(last_checkpoint(d))["model"] for d in (a, b))
+    ma, mb = (load_checkpoint(last_checkpoint(d)).model for d in (a, b))
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
     other = run(make_config(seed=1, data={"partition": "dirichlet"}))
     assert strip_timing(read_metrics(other)) != strip_timing(read_metrics(a))
@@ -47,7 +47,7 @@ def test_run_directory_holds_config_metrics_and_checkpoints(make_config):
     for row in rows:
         assert row["clients"] == 4 and len(row["client_ids"]) == 4
         assert row["bytes_up"] == row["bytes_down"] == 4 * 4 * sum(
-            t.numel() for t in load_checkpoint(last_checkpoint(run_dir))["model"].values()
+            t.numel() for t in load_checkpoint(last_checkpoint(run_dir)).model.values()
         )
         assert 0 <= row["test_accuracy"] <= 1 and row["train_loss"] > 0 and row["test_loss"] > 0
     with open(run_dir / "metrics.csv") as f:
@@ -86,11 +86,11 @@ def test_resume_after_interrupt_equals_uninterrupted_run(make_config):
     cfg = make_config(federated={"rounds": 5}, data={"partition": "dirichlet"})
     full = run(cfg)
     broken = interrupted_run(cfg, after_round=2)
-    assert load_checkpoint(last_checkpoint(broken))["round"] == 2  # last good checkpoint loads
+    assert load_checkpoint(last_checkpoint(broken)).round == 2  # last good checkpoint loads
 
     summary = resume_run(broken, [], PlainReporter())
     assert summary.rounds_completed == 5
-    a, b = (load_checkpoint(last_checkpoint(d))["model"] for d in (full, broken))
+    a, b = (load_checkpoint(last_checkpoint(d)).model for d in (full, broken))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert strip_timing(read_metrics(full)) == strip_timing(read_metrics(broken))
 
@@ -109,7 +109,7 @@ def test_interrupt_at_a_checkpoint_write_leaves_metrics_not_ahead_of_it(make_con
     with pytest.raises(KeyboardInterrupt):
         train_federated(cfg, broken)
     monkeypatch.undo()
-    assert load_checkpoint(last_checkpoint(broken))["round"] == (2 if when == "after" else 1)
+    assert load_checkpoint(last_checkpoint(broken)).round == (2 if when == "after" else 1)
     assert [r["round"] for r in read_metrics(broken)] == [1]
 
     resume_run(broken, [], PlainReporter())
@@ -124,7 +124,7 @@ def test_target_accuracy_stops_and_reports_the_round(make_config):
     assert summary.target_round == rows[-1]["round"] < 30
     assert rows[-1]["test_accuracy"] >= 0.5
     assert all(r["test_accuracy"] < 0.5 for r in rows[:-1])
-    assert load_checkpoint(last_checkpoint(run_dir))["round"] == summary.target_round
+    assert load_checkpoint(last_checkpoint(run_dir)).round == summary.target_round
 
 
 def test_eval_every_skips_evaluation_between(make_config):

@@ -209,7 +209,7 @@ def run_config(tmp_path: Path, mode: str, engine: str, **federated: object):
     run_dir = Path(cfg.output.run_dir)
     run_dir.mkdir(parents=True)
     summary = train_federated(cfg, run_dir)
-    return summary, load_checkpoint(last_checkpoint(run_dir))["model"]
+    return summary, load_checkpoint(last_checkpoint(run_dir)).model
 
 
 @pytest.mark.parametrize("mode", ["fedavg", "fedprox", "fedsgd"])
