@@ -37,6 +37,9 @@ class PlainReporter:
         for key, value in summary.items():
             print(f"{key}: {value}", flush=True)
 
+    def close(self) -> None:
+        """Leave the terminal as it was, however the run ended (Ctrl-C, an error)."""
+
 
 class RichReporter(PlainReporter):
     def __init__(self, unit: str = "round") -> None:
@@ -66,8 +69,11 @@ class RichReporter(PlainReporter):
             fields.update(acc=_fmt(row["test_accuracy"]), loss=_fmt(row["test_loss"]))
         self.progress.update(self.task, completed=row[self.unit], **fields)
 
+    def close(self) -> None:
+        self.progress.stop()  # shows the cursor again and ends the bar's line; idempotent
+
     def finish(self, summary: dict[str, Any]) -> None:
-        self.progress.stop()
+        self.close()
         table = Table(title="summary", show_header=False)
         for key, value in summary.items():
             table.add_row(key, str(value))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -205,3 +206,25 @@ def test_eval_rejects_an_unknown_device(tmp_path: Path):
     result = CliRunner().invoke(app, ["eval", str(tmp_path / "missing.pt"), "--device", "tpu"])
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: --device: must be one of auto, cpu, cuda; got 'tpu'"
+
+
+def test_the_progress_display_is_closed_however_the_run_ends(make_config, monkeypatch, tmp_path: Path):
+    # a rich progress bar left running hides the cursor and garbles the Ctrl-C message
+    import fltool.engine.runner as runner
+    from fltool.engine.rundir import RunInterrupted
+    from fltool.ui import PlainReporter
+
+    class Recording(PlainReporter):
+        closed = 0
+
+        def close(self) -> None:
+            self.closed += 1
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "train_federated", interrupted)
+    reporter = Recording()
+    with pytest.raises(RunInterrupted):
+        runner.run(make_config(), tmp_path, reporter)
+    assert reporter.closed == 1

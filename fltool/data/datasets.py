@@ -81,19 +81,29 @@ def _load_torchvision(cfg: DataConfig) -> Dataset:
     cls_name, folder, mean, std = _TORCHVISION[cfg.dataset]
     cache = cache_root(cfg)
     source = data_root(cfg)
+    raw = cache / folder / "raw"
     if source is not None:
-        _copy_raw_archives(source / folder / "raw", cache / folder / "raw")
+        try:
+            _copy_raw_archives(source / folder / "raw", raw)
+        except OSError as exc:
+            raise FltoolError(f"data.cache: cannot write the archives to {raw}: {exc.strerror or exc}") from None
     cls = getattr(torchvision.datasets, cls_name)
-    try:
-        splits = [cls(str(cache), train=train, download=True) for train in (True, False)]
-    except Exception as exc:  # torchvision raises RuntimeError/URLError when offline and missing
-        where = f"{source / folder / 'raw'}" if source else "$FLTOOL_DATA (unset)"
-        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise FltoolError(
-            f"data.dataset: {cfg.dataset} archives not found in {where} and the download failed ({reason[:120]}); "
-            "set data.root or FLTOOL_DATA to a folder holding "
-            f"{folder}/raw/*.gz"
-        ) from None
+    for attempt in (1, 2):
+        try:
+            splits = [cls(str(cache), train=train, download=True) for train in (True, False)]
+            break
+        except Exception as exc:  # torchvision raises RuntimeError/URLError when offline and missing
+            # torchvision extracts in place and trusts what it finds: a file left half-extracted
+            # by an interrupted run would fail every later run, so extract afresh once
+            if attempt == 1 and _remove_extracted(raw):
+                continue
+            where = f"{source / folder / 'raw'}" if source else "$FLTOOL_DATA (unset)"
+            reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise FltoolError(
+                f"data.dataset: {cfg.dataset}: no readable archives in {where} or the cache {raw}, "
+                f"and the download failed ({reason[:120]}); set data.root or FLTOOL_DATA to a folder holding "
+                f"{folder}/raw/*.gz"
+            ) from None
     train, test = (_normalise(s.data, s.targets, mean, std) for s in splits)
     return Dataset(cfg.dataset, train, test, num_classes=10)
 
@@ -110,7 +120,16 @@ def _copy_raw_archives(src: Path, dst: Path) -> None:
         fd, tmp = tempfile.mkstemp(dir=dst, prefix=f".{archive.name}.", suffix=".tmp")
         os.close(fd)
         shutil.copyfile(archive, tmp)
+        os.chmod(tmp, 0o644)  # not mkstemp's 0600: a cache may be shared
         os.replace(tmp, target)
+
+
+def _remove_extracted(raw: Path) -> bool:
+    """Delete what torchvision extracted from the archives in `raw` (the .gz stay); True if any."""
+    extracted = [p for p in raw.glob("*") if p.is_file() and not p.name.endswith(".gz") and not p.name.startswith(".")]
+    for path in extracted:
+        path.unlink(missing_ok=True)
+    return bool(extracted)
 
 
 def _normalise(images: torch.Tensor, labels: torch.Tensor, mean: float, std: float) -> TensorSplit:

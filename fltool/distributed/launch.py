@@ -81,11 +81,12 @@ def check_devices(cfg: Config, nproc: int, gpu_count: int | None = None) -> None
     if backend == "nccl" and cfg.device == "cpu":
         raise FltoolError("ddp.backend: nccl cannot run with device: cpu; use ddp.backend: gloo or auto")
     gpus = torch.cuda.device_count() if gpu_count is None else gpu_count
-    uses_gpus = backend == "nccl" or cfg.device == "cuda"
+    # as `rank_device` decides: gloo with device auto also puts each rank on its own GPU
+    uses_gpus = backend == "nccl" or cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
     if not uses_gpus:
         return
     if gpus == 0:
-        what = "ddp.backend: nccl" if backend == "nccl" else "device: cuda"
+        what = "ddp.backend: nccl" if backend == "nccl" else "device: cuda"  # (auto needs a GPU to get here)
         raise FltoolError(f"{what} needs CUDA but no GPU is visible; use ddp.backend: gloo and device: cpu or auto")
     if nproc > gpus:
         raise FltoolError(
@@ -169,7 +170,7 @@ def launch(cfg: Config, opts: LaunchOptions, resume: Path | None = None) -> Path
     """Create (or reuse) the run directory and run the workers; raise WorkerFailed on failure."""
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousError
     from torch.distributed.run import parse_args, run
 
     run_dir = node_run_dir(cfg, opts, resume)
@@ -195,6 +196,9 @@ def launch(cfg: Config, opts: LaunchOptions, resume: Path | None = None) -> Path
             lost = f"lost torchrun's rendezvous store before the run ended ({exc})"
             raise WorkerFailed(f"{lost}; logs in {run_dir / LOG_DIR}") from None
         logging.getLogger(__name__).warning("the rendezvous store closed after the run ended; the run is complete")
+    except RendezvousError as exc:  # e.g. a peer node never joined within the join timeout
+        endpoint = opts.rdzv_endpoint or "the local rendezvous"
+        raise WorkerFailed(f"rendezvous at {endpoint} failed: {type(exc).__name__}: {exc}") from None
     finally:
         agent_log.setLevel(level)
         restore_env(UNSHARED_STORE_ENV, shared_store)

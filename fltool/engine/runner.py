@@ -44,6 +44,8 @@ def run(cfg: Config, run_dir: Path, reporter: PlainReporter, resume: Checkpoint 
             summary = train_federated(cfg, run_dir, reporter.update, resume)
     except KeyboardInterrupt:
         raise RunInterrupted(run_dir) from None
+    finally:
+        reporter.close()
     reporter.finish(summary_dict(summary))
     return summary
 

@@ -53,3 +53,21 @@ def test_data_root_comes_from_env(mnist_root: Path, tmp_path: Path, monkeypatch:
     assert len(ds.test) == 10000
     assert (tmp_path / "c" / "MNIST" / "raw").is_dir()
     assert os.environ["FLTOOL_DATA"] == str(mnist_root)
+
+
+def test_a_half_extracted_cache_is_extracted_afresh(mnist_root: Path, tmp_path: Path):
+    cfg = DataConfig(dataset="mnist", root=str(mnist_root), cache=str(tmp_path / "cache"))
+    whole = load_dataset(cfg)
+    raw = tmp_path / "cache" / "MNIST" / "raw"
+    assert oct((raw / "train-images-idx3-ubyte.gz").stat().st_mode & 0o777) == "0o644"  # a cache may be shared
+    extracted = raw / "train-images-idx3-ubyte"
+    extracted.write_bytes(extracted.read_bytes()[: 20_000_000])  # as an interrupted extraction leaves it
+    again = load_dataset(cfg)
+    assert torch.equal(again.train.x, whole.train.x)
+
+
+def test_an_unwritable_cache_is_a_user_error(mnist_root: Path, tmp_path: Path):
+    (tmp_path / "afile").write_text("")
+    cfg = DataConfig(dataset="mnist", root=str(mnist_root), cache=str(tmp_path / "afile"))
+    with pytest.raises(FltoolError, match=r"^data.cache: cannot write the archives to .*afile/MNIST/raw: Not a directory$"):
+        load_dataset(cfg)

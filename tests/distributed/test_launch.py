@@ -281,6 +281,11 @@ def test_gpu_backends_need_a_gpu_per_process():
     with pytest.raises(FltoolError, match="nccl cannot run with device: cpu"):
         check_devices(config_from_dict({**ddp_config(backend="nccl")}), 1, gpu_count=8)
     check_devices(config_from_dict(ddp_config()), 8, gpu_count=0)  # gloo on cpu needs none
+    # gloo with device auto puts each rank on its own GPU when there are GPUs
+    gloo_auto = config_from_dict({**ddp_config(), "device": "auto"})
+    with pytest.raises(FltoolError, match=r"--nproc 2 exceeds the 1 visible GPU\(s\) \(one per process with gloo"):
+        check_devices(gloo_auto, 2, gpu_count=1)
+    check_devices(gloo_auto, 8, gpu_count=0)  # ... and runs on the CPU when there are none
 
 
 def test_nccl_launch_with_too_many_processes_fails_before_starting(tmp_path):
