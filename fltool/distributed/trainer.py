@@ -34,6 +34,7 @@ from fltool.engine.checkpoint import Checkpoint, make_checkpoint, save_checkpoin
 from fltool.engine.evaluate import evaluate
 from fltool.engine.federated import Comm, RunSummary, summarize
 from fltool.engine.metrics import MetricsLog
+from fltool.engine.resume import check_world_size
 from fltool.engine.rundir import best_checkpoint, last_checkpoint
 from fltool.engine.setup import resolve_device, seeded_model
 
@@ -108,6 +109,7 @@ def train_ddp(
     log = MetricsLog(run_dir)
     start, best = 1, None
     if resume is not None:
+        check_world_size(resume, comm.world_size, last_checkpoint(run_dir), "this run")
         raw.load_state_dict(resume.model)
         optimizer.load_state_dict(resume.extra["optimizer"])
         scheduler.load_state_dict(resume.extra["scheduler"])
@@ -165,7 +167,7 @@ def train_ddp(
         best = acc if improved else best
         if comm.is_main:
             log.rows.append(row)
-            _save(cfg, run_dir, raw, optimizer, scheduler, epoch, log, best, improved, final or reached)
+            _save(cfg, run_dir, raw, optimizer, scheduler, epoch, log, best, improved, final or reached, comm.world_size)
             log.flush()  # after the checkpoint, as in the federated loop
             if on_row:
                 on_row(row)
@@ -190,6 +192,7 @@ def _save(
     best: float | None,
     improved: bool,
     force: bool,
+    world_size: int,
 ) -> None:
     """Checkpoints hold the unwrapped module's weights, so `fltool eval` can load them."""
     due = epoch % cfg.output.checkpoint_every == 0 or force
@@ -199,6 +202,7 @@ def _save(
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "epoch": epoch,
+        "world_size": world_size,  # a resume must keep it: the global batch depends on it
     }
     state = make_checkpoint(cfg, raw, epoch, log.rows, best, extra)
     if due:

@@ -68,6 +68,19 @@ def check_checkpoint_matches(ckpt: Checkpoint, cfg: Config, path: Path) -> None:
         raise FltoolError(*problems)
 
 
+def check_world_size(ckpt: Checkpoint, world_size: int, path: Path, how: str) -> None:
+    """A DDP run resumes on as many processes as it trained on: its global batch, and so
+    its steps per epoch and learning-rate schedule, are per-rank batch x world size.
+    (A federated run's result does not depend on the world size.)"""
+    trained = ckpt.extra.get("world_size")
+    if ckpt.config.mode == "ddp" and trained is not None and trained != world_size:
+        raise FltoolError(
+            f"{path}: this DDP run trained on {trained} process(es) and {how} would resume it on {world_size}; "
+            f"resume with fltool launch --nproc/--nnodes giving {trained} processes"
+            + (" (or fltool train --resume for 1)" if trained == 1 else "")
+        )
+
+
 def changed_settings(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
     """(dotted key, old value, new value) for every setting that differs."""
     a, b = _flatten(dataclasses.asdict(old)), _flatten(dataclasses.asdict(new))

@@ -314,6 +314,12 @@ def test_ctrl_c_stops_cleanly_and_launch_resume_continues(tmp_path):
     stopped_at = load_checkpoint(run_dir / "checkpoints" / "last.pt").round
     assert 1 <= stopped_at < 400
 
+    # trained on 2 processes: resuming on 1 would halve the global batch, so it is refused
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    for cmd in (["launch", "--nproc", "1", "--resume", str(run_dir)], ["train", "--resume", str(run_dir)]):
+        refused = run_cli(*cmd, cwd=tmp_path)
+        assert refused.returncode == 2
+        assert refused.stderr.splitlines()[-1].startswith(f"error: {ckpt}: this DDP run trained on 2 process(es) and ")
     done = run_cli("launch", "--nproc", "2", "--resume", str(run_dir), f"ddp.epochs={stopped_at + 2}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     rows = read_metrics(run_dir)
