@@ -99,10 +99,11 @@ def test_ctrl_c_says_how_to_continue_or_that_there_is_nothing_to_resume(
     runner = CliRunner()
 
     interrupt_checkpoint_write(federated, 1, "before")  # Ctrl-C before any checkpoint
-    early = runner.invoke(app, ["train", str(cfg_path), "output.dir=" + str(tmp_path / "early")])
-    early_dir = only_run_dir(tmp_path / "early")
+    early_dir = tmp_path / "early"
+    early = runner.invoke(app, ["train", str(cfg_path), f"output.run_dir={early_dir}"])
     assert early.exit_code == 130
-    assert early.stderr.strip() == f"interrupted before the first checkpoint: nothing to resume in {early_dir}"
+    assert early.stderr.strip() == f"interrupted before the first checkpoint: nothing to resume, {early_dir} was removed"
+    assert not early_dir.exists()  # so the same command can be rerun as it is
 
     interrupt_checkpoint_write(federated, 2, "after")
     late = runner.invoke(app, ["train", str(cfg_path), "output.dir=" + str(tmp_path / "late")])
@@ -228,3 +229,14 @@ def test_the_progress_display_is_closed_however_the_run_ends(make_config, monkey
     with pytest.raises(RunInterrupted):
         runner.run(make_config(), tmp_path, reporter)
     assert reporter.closed == 1
+
+
+def test_an_early_interrupted_launch_says_how_to_start_it_again(tmp_path: Path):
+    from fltool.cli import interrupt_message
+    from fltool.engine.rundir import RunInterrupted
+
+    (tmp_path / "config.yaml").write_text("")  # launch keeps the run directory, without a checkpoint yet
+    message = interrupt_message(RunInterrupted(tmp_path), "fltool launch --nproc 2")
+    assert message == (
+        f"interrupted before the first checkpoint; `fltool launch --nproc 2 --resume {tmp_path}` starts the run again there"
+    )

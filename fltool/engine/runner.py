@@ -55,10 +55,11 @@ def start_run(cfg: Config, reporter: PlainReporter) -> RunSummary:
     run_dir = create_run_dir(cfg)
     try:
         return run(cfg, run_dir, reporter)
-    except Exception:
-        # Failed before a single round was logged (bad data root, a crash in set-up, ...):
-        # leave no empty run behind, which would also block a rerun with the same run_dir.
-        if not (run_dir / "metrics.jsonl").exists():
+    except (Exception, KeyboardInterrupt):
+        # Failed or interrupted before a single round was logged (bad data root, a crash in
+        # set-up, Ctrl-C in round 1): leave no empty run behind, which would also block a
+        # rerun with the same run_dir, and which nothing could resume.
+        if not (run_dir / "metrics.jsonl").exists() and not last_checkpoint(run_dir).exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
