@@ -59,7 +59,7 @@ def run_worker(run_dir: Path) -> RunSummary:
         else:
             summary = train_federated(cfg, run_dir, on_row, resume, comm=comm)
         if comm.is_main:
-            reporter.finish(summary_dict(summary))
+            reporter.finish(summary_dict(summary, unit))
         clean = True
         return summary
     finally:

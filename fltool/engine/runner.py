@@ -17,14 +17,15 @@ from fltool.errors import FltoolError
 from fltool.ui import PlainReporter
 
 
-def summary_dict(summary: RunSummary) -> dict[str, Any]:
+def summary_dict(summary: RunSummary, unit: str = "round") -> dict[str, Any]:
+    """The end-of-run summary; `unit` is "round" (federated) or "epoch" (DDP)."""
     return {
         "run_dir": str(summary.run_dir),
-        "rounds": summary.rounds_completed,
+        f"{unit}s": summary.rounds_completed,
         "final_accuracy": summary.final_accuracy,
         "final_test_loss": None if summary.final_loss is None else round(summary.final_loss, 4),
         "best_accuracy": summary.best_accuracy,
-        "target_reached_round": summary.target_round,
+        f"target_reached_{unit}": summary.target_round,
         "setup_s": round(summary.setup_s, 3),
         "wall_s": round(summary.wall_s, 3),
     }
@@ -46,7 +47,7 @@ def run(cfg: Config, run_dir: Path, reporter: PlainReporter, resume: Checkpoint 
         raise RunInterrupted(run_dir) from None
     finally:
         reporter.close()
-    reporter.finish(summary_dict(summary))
+    reporter.finish(summary_dict(summary, reporter.unit))
     return summary
 
 
