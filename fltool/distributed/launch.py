@@ -86,7 +86,7 @@ def check_devices(cfg: Config, nproc: int, gpu_count: int | None = None) -> None
     if not uses_gpus:
         return
     if gpus == 0:
-        what = "ddp.backend: nccl" if backend == "nccl" else "device: cuda"  # (auto needs a GPU to get here)
+        what = "ddp.backend: nccl" if backend == "nccl" else "device: cuda"
         raise FltoolError(f"{what} needs CUDA but no GPU is visible; use ddp.backend: gloo and device: cpu or auto")
     if nproc > gpus:
         raise FltoolError(
