@@ -21,7 +21,7 @@ from fltool.distributed.comm import TORCHRUN_ENV, resolve_backend, under_torchru
 from fltool.engine.atomic import atomic_write_text
 from fltool.engine.metrics import read_metrics
 from fltool.engine.checkpoint import load_checkpoint
-from fltool.engine.resume import check_checkpoint_matches, check_world_size, resume_config
+from fltool.engine.resume import check_resumable, resume_config
 from fltool.engine.rundir import CONFIG_FILE, RunInterrupted, create_run_dir, last_checkpoint
 from fltool.engine.setup import check_model_fits
 from fltool.errors import FltoolError
@@ -142,9 +142,7 @@ def prepare(
         cfg = resume_config(resume, overrides)
         ckpt_path = last_checkpoint(resume)
         if ckpt_path.is_file():  # none yet: the workers start the run afresh
-            ckpt = load_checkpoint(ckpt_path)
-            check_checkpoint_matches(ckpt, cfg, ckpt_path)
-            check_world_size(ckpt, opts.nproc * opts.nnodes, ckpt_path, "this launch")
+            check_resumable(load_checkpoint(ckpt_path), cfg, ckpt_path, opts.nproc * opts.nnodes, "this launch")
     else:
         if config is None:
             raise FltoolError("launch: missing CONFIG; usage: fltool launch --nproc N CONFIG.yaml [key=value ...]")

@@ -34,7 +34,7 @@ from fltool.engine.checkpoint import Checkpoint, make_checkpoint, save_checkpoin
 from fltool.engine.evaluate import evaluate
 from fltool.engine.federated import Comm, RunSummary, summarize
 from fltool.engine.metrics import MetricsLog
-from fltool.engine.resume import check_world_size
+from fltool.engine.resume import check_resumable
 from fltool.engine.rundir import best_checkpoint, last_checkpoint
 from fltool.engine.setup import resolve_device, seeded_model
 
@@ -109,7 +109,7 @@ def train_ddp(
     log = MetricsLog(run_dir)
     start, best = 1, None
     if resume is not None:
-        check_world_size(resume, comm.world_size, last_checkpoint(run_dir), "this run")
+        check_resumable(resume, cfg, last_checkpoint(run_dir), comm.world_size, "this run")
         raw.load_state_dict(resume.model)
         optimizer.load_state_dict(resume.extra["optimizer"])
         scheduler.load_state_dict(resume.extra["scheduler"])

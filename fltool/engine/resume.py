@@ -48,30 +48,25 @@ def resume_config(run_dir: Path, overrides: list[str]) -> Config:
     problems = [
         f"command line: {key}: a resumed run cannot change it (the run has {old!r}, got {new!r}); "
         f"it may change {allowed_text()}"
-        for key, old, new in changed_settings(load_config(path), cfg)
-        if not may_change(key)
+        for key, old, new in fixed_changes(load_config(path), cfg)
     ]
     if problems:
         raise FltoolError(*problems)
     return cfg
 
 
-def check_checkpoint_matches(ckpt: Checkpoint, cfg: Config, path: Path) -> None:
+def check_resumable(ckpt: Checkpoint, cfg: Config, path: Path, world_size: int, how: str) -> None:
     """A checkpoint resumes only the experiment it was trained in (one copied from
-    another run would fail to load, or silently continue the wrong one)."""
+    another run would fail to load, or silently continue the wrong one), and a DDP run
+    only on as many processes as it trained on: its global batch, and so its steps per
+    epoch and learning-rate schedule, are per-rank batch x world size. (A federated
+    run's result does not depend on the world size.)"""
     problems = [
         f"{path}: was trained with {key}={old!r}, but the run's config has {new!r}"
-        for key, old, new in changed_settings(ckpt.config, cfg)
-        if not may_change(key)
+        for key, old, new in fixed_changes(ckpt.config, cfg)
     ]
     if problems:
         raise FltoolError(*problems)
-
-
-def check_world_size(ckpt: Checkpoint, world_size: int, path: Path, how: str) -> None:
-    """A DDP run resumes on as many processes as it trained on: its global batch, and so
-    its steps per epoch and learning-rate schedule, are per-rank batch x world size.
-    (A federated run's result does not depend on the world size.)"""
     trained = ckpt.extra.get("world_size")
     if ckpt.config.mode == "ddp" and trained is not None and trained != world_size:
         raise FltoolError(
@@ -81,10 +76,11 @@ def check_world_size(ckpt: Checkpoint, world_size: int, path: Path, how: str) ->
         )
 
 
-def changed_settings(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
-    """(dotted key, old value, new value) for every setting that differs."""
+def fixed_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every setting that differs although a
+    resumed run may not change it."""
     a, b = _flatten(dataclasses.asdict(old)), _flatten(dataclasses.asdict(new))
-    return [(key, a[key], b[key]) for key in a if a[key] != b[key]]
+    return [(key, a[key], b[key]) for key in a if a[key] != b[key] and not may_change(key)]
 
 
 def may_change(key: str) -> bool:

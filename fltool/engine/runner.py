@@ -10,7 +10,7 @@ from fltool.config import Config, dump_config
 from fltool.engine.atomic import atomic_write_text
 from fltool.engine.checkpoint import Checkpoint, load_checkpoint
 from fltool.engine.federated import RunSummary, train_federated
-from fltool.engine.resume import check_checkpoint_matches, check_world_size, resume_config
+from fltool.engine.resume import check_resumable, resume_config
 from fltool.engine.rundir import CONFIG_FILE, RunInterrupted, create_run_dir, last_checkpoint
 from fltool.engine.setup import check_model_fits
 from fltool.errors import FltoolError
@@ -71,8 +71,7 @@ def resume_run(run_dir: Path, overrides: list[str], reporter: PlainReporter) -> 
     if not ckpt_path.is_file():
         raise FltoolError(f"{run_dir}: no checkpoint to resume from ({ckpt_path} is missing)")
     state = load_checkpoint(ckpt_path)
-    check_checkpoint_matches(state, cfg, ckpt_path)
-    check_world_size(state, 1, ckpt_path, "fltool train")
+    check_resumable(state, cfg, ckpt_path, 1, "fltool train")
     if overrides:  # only now, once the resume is known to be valid: the run's config says what it does
         atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
     return run(cfg, run_dir, reporter, resume=state)
