@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fltool.engine import batched_nets
-from fltool.engine.batched_nets import BatchedLinear, _dropout, autograd_linear, make_batched_apply
+from fltool.engine.batched_nets import BatchedLinear, _dropout, autograd_linear, make_batched_apply, pool_before_relu
 from fltool.engine.cohort import make_apply_fn
 from fltool.models import build_model
 
@@ -53,6 +53,27 @@ def test_batched_gradients_equal_each_clients_own(
         for got, want in zip(batched, expected, strict=True):
             assert got[k].shape == want.shape
             torch.testing.assert_close(got[k], want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)])
+def test_pool_before_relu_is_bitwise_the_same(pool: nn.MaxPool2d) -> None:
+    """Value and gradient, with ties among positive values and all-negative windows."""
+    torch.manual_seed(0)
+    x = torch.randint(-3, 3, (4, 5, 9, 9)).float().requires_grad_(True)  # integers: many ties
+    g = torch.randn(pool(x).shape)
+    relu_first = nn.Sequential(nn.ReLU(), pool)
+    swapped = pool_before_relu(relu_first)
+    assert [type(layer) for layer in swapped] == [nn.MaxPool2d, nn.ReLU]
+    out_a, out_b = relu_first(x), nn.Sequential(*swapped)(x)
+    assert torch.equal(out_a, out_b)
+    assert torch.equal(*(torch.autograd.grad(out, x, g)[0] for out in (out_a, out_b)))
+
+
+def test_pool_before_relu_leaves_other_orders_alone() -> None:
+    layers = [nn.MaxPool2d(2), nn.ReLU(), nn.Dropout(), nn.ReLU(), nn.Linear(2, 2), nn.ReLU(), nn.MaxPool2d(2)]
+    assert [type(x) for x in pool_before_relu(layers)] == [
+        nn.MaxPool2d, nn.ReLU, nn.Dropout, nn.ReLU, nn.Linear, nn.MaxPool2d, nn.ReLU
+    ]
 
 
 @pytest.mark.parametrize("input_grad", [True, False])
