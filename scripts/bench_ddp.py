@@ -113,7 +113,7 @@ def main() -> None:
 
         def fltool_loop(n: int) -> None:
             window = batches[cursor[0] : cursor[0] + n]
-            train_steps(ddp, ddp, opt, sched, gpu_data.x, gpu_data.y, window, contextlib.nullcontext())
+            train_steps(ddp, opt, sched, gpu_data.x, gpu_data.y, window, contextlib.nullcontext())
             cursor[0] += n
 
         loops["fltool"] = fltool_loop

@@ -41,12 +41,22 @@ from fltool.engine.setup import resolve_device, seeded_model
 RowCallback = Callable[[dict[str, Any]], None]
 
 
-def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """DDP when a process group exists (even of size 1, so `launch --nproc 1` is real DDP)."""
+def wrap_model(model: nn.Module, device: torch.device, compile_model: bool) -> nn.Module:
+    """DDP when a process group exists (even of size 1, so `launch --nproc 1` is real DDP),
+    around the module itself or, with `compile_model`, around `torch.compile(module)`.
+
+    Compiling the DDP wrapper instead (PyTorch's suggested order, for DDPOptimizer's
+    bucket-sized graphs) compiled nothing here (torch 2.14.1, gloo): dynamo broke its
+    graph inside DDP's forward and then skipped nn.Sequential's forward as a torch.nn
+    frame, so the model silently ran eagerly (seen with TORCH_LOGS=dynamo; cf.
+    pytorch/pytorch#140416). Compiled inside, the backward's gradients reach DDP's
+    hooks together at its end, so all-reduce overlaps less of it; for these small
+    models that costs little."""
+    inner = torch.compile(model) if compile_model else model
     if not dist.is_initialized():
-        return model
+        return inner
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    return DistributedDataParallel(inner, device_ids=ids)
 
 
 def make_autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -55,7 +65,6 @@ def make_autocast(amp: str, device: torch.device) -> contextlib.AbstractContextM
 
 def train_steps(
     model: nn.Module,
-    ddp: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     x: torch.Tensor,
@@ -66,16 +75,16 @@ def train_steps(
     """Optimizer steps over `batches` [steps, accum, batch] of device indices.
 
     Returns the sum of micro-batch losses as a device tensor: no host sync in the loop.
-    `model` is what runs forward (maybe compiled); `ddp` is the DDP wrapper, or the
-    plain module in a single process.
+    `model` is `wrap_model`'s: the DDP wrapper, or the (maybe compiled) module in a
+    single process.
     """
     accum = batches.shape[1]
     loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
     for step_batches in batches:
         for j, idx in enumerate(step_batches):
             # Accumulating micro-batches skip DDP's all-reduce; the last one syncs.
-            syncing = j == accum - 1 or not isinstance(ddp, DistributedDataParallel)
-            with contextlib.nullcontext() if syncing else ddp.no_sync():
+            syncing = j == accum - 1 or not isinstance(model, DistributedDataParallel)
+            with contextlib.nullcontext() if syncing else model.no_sync():
                 with autocast:
                     logits = model(x[idx])
                 loss = F.cross_entropy(logits.float(), y[idx])
@@ -118,8 +127,7 @@ def train_ddp(
         start, best = resume.round + 1, resume.best_accuracy
         log.rows = list(resume.metrics)
 
-    ddp = wrap_model(raw, device)
-    model = torch.compile(ddp) if dcfg.compile else ddp
+    model = wrap_model(raw, device, dcfg.compile)
     autocast = make_autocast(dcfg.amp, device)
     x_train, y_train = dataset.train.x, dataset.train.y
     elapsed0 = log.rows[-1]["elapsed_s"] if log.rows else 0.0
@@ -135,7 +143,7 @@ def train_ddp(
             len(dataset.train), cfg.seed, epoch, dcfg.batch_size, dcfg.grad_accum_steps, comm.rank, comm.world_size
         ).to(device)
         model.train()
-        loss_sum = train_steps(model, ddp, optimizer, scheduler, x_train, y_train, batches, autocast)
+        loss_sum = train_steps(model, optimizer, scheduler, x_train, y_train, batches, autocast)
 
         comm.all_reduce_sum([loss_sum])  # every rank, every epoch
         final = epoch == dcfg.epochs

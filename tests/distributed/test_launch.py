@@ -60,6 +60,18 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(reference, launc
     assert [r["train_loss"] for r in two] == pytest.approx([r["train_loss"] for r in one], rel=1e-4)
 
 
+def test_compiled_ddp_with_accumulation_equals_one_process(reference, tmp_path):
+    """`ddp.compile: true` with no_sync micro-batches on 2 gloo ranks: inductor really
+    compiles the model (its cache fills; compiling the DDP wrapper left it empty, the
+    model running eagerly), and the result is the eager single-process reference's."""
+    raw = ddp_config(batch_size=8, grad_accum_steps=2, compile=True)
+    inductor = tmp_path / "inductor"
+    done, run_dir = _launch(tmp_path, "compiled", raw, "--nproc", "2", TORCHINDUCTOR_CACHE_DIR=str(inductor))
+    assert done.returncode == 0, done.stderr
+    assert any(p.is_file() for p in inductor.rglob("*"))
+    assert_same_model(load_model(run_dir), load_model(reference))
+
+
 def test_launch_writes_run_dir_logs_and_an_evaluable_plain_checkpoint(launched, tmp_path):
     done, run_dir = launched
     assert done.returncode == 0, done.stderr
