@@ -47,3 +47,18 @@ def make_scheduler(
     optimizer: torch.optim.Optimizer, cfg: DDPConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_rule(cfg, total_steps))
+
+
+def resume_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict, rule: WarmupCosine) -> None:
+    """Load a saved schedule, then follow `rule` (the config's: a resumed run may have
+    more epochs) from the saved step on. Call it after the optimizer's load_state_dict.
+
+    LambdaLR restores the saved rule's fields, and the optimizer the rate that rule set
+    for the next step; both give way to `rule`, or a stretched cosine's first resumed
+    step would run at the old schedule's last rate (0)."""
+    scheduler.load_state_dict(state)
+    groups = scheduler.optimizer.param_groups
+    scheduler.lr_lambdas = [rule] * len(groups)
+    for group, base in zip(groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base * rule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]

@@ -28,7 +28,7 @@ from fltool.data import load_dataset
 from fltool.devices import keep_freed_host_memory
 from fltool.distributed.comm import broadcast_from_main
 from fltool.distributed.faults import maybe_inject_fault
-from fltool.distributed.optim import make_optimizer, make_scheduler, schedule_rule
+from fltool.distributed.optim import make_optimizer, make_scheduler, resume_schedule, schedule_rule
 from fltool.distributed.sharding import rank_batches, steps_per_epoch
 from fltool.engine.checkpoint import Checkpoint, make_checkpoint, save_checkpoint
 from fltool.engine.evaluate import evaluate
@@ -121,9 +121,7 @@ def train_ddp(
         check_resumable(resume, cfg, last_checkpoint(run_dir), comm.world_size, "this run")
         raw.load_state_dict(resume.model)
         optimizer.load_state_dict(resume.extra["optimizer"])
-        scheduler.load_state_dict(resume.extra["scheduler"])
-        # LambdaLR restores the rule's fields too; the (maybe overridden) config decides them.
-        scheduler.lr_lambdas[0] = schedule_rule(dcfg, dcfg.epochs * steps)
+        resume_schedule(scheduler, resume.extra["scheduler"], schedule_rule(dcfg, dcfg.epochs * steps))
         start, best = resume.round + 1, resume.best_accuracy
         log.rows = list(resume.metrics)
 

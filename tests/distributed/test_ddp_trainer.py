@@ -50,6 +50,28 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
     assert [r["train_loss"] for r in resumed.metrics] == pytest.approx([r["train_loss"] for r in full.metrics])
 
 
+def test_resuming_with_more_epochs_runs_the_stretched_schedule_from_the_first_step(tmp_path):
+    """A cosine that ended at lr 0 after 2 epochs, resumed with ddp.epochs=3: the first
+    resumed step runs at the 3-epoch rule's rate, not at the old schedule's last one."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from fltool.distributed.optim import schedule_rule
+
+    cfg = _cfg(tmp_path, "short", epochs=2, warmup_steps=0)
+    done = start_run(cfg, PlainReporter("epoch"))
+    steps = done.metrics[-1]["steps"]
+    assert done.metrics[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    rates: list[float] = []
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: rates.append(opt.param_groups[0]["lr"]))
+    try:
+        resume_run(done.run_dir, ["ddp.epochs=3"], PlainReporter("epoch"))
+    finally:
+        handle.remove()
+    rule = schedule_rule(cfg.ddp, 3 * steps // 2)
+    assert rates == pytest.approx([cfg.ddp.lr * rule(steps + k) for k in range(len(rates))])
+    assert len(rates) == steps // 2 and rates[0] > 0
+
+
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_interrupt_at_a_checkpoint_write_leaves_metrics_not_ahead_of_it(tmp_path, interrupt_checkpoint_write, when):
     """As for federated runs (tests/engine/test_federated.py)."""
