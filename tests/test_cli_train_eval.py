@@ -132,8 +132,25 @@ def test_resume_refuses_a_changed_experiment_and_leaves_the_run_as_it_was(make_c
     assert len(lines) == 2 and "Traceback" not in refused.output
     assert lines[0].startswith("error: command line: seed: a resumed run cannot change it (the run has 0, got 7)")
     assert lines[1].startswith("error: command line: model.name: a resumed run cannot change it (the run has 'mlp', got 'cnn')")
-    assert "it may change name, output.dir, output.run_dir, federated.rounds, ddp.epochs, eval.*" in lines[0]
+    assert "it may change federated.rounds, ddp.epochs, eval.*" in lines[0]
+    # the run goes on in its own directory: naming another place would only be recorded
+    moved = runner.invoke(app, ["train", "--resume", str(run_dir), f"output.run_dir={tmp_path / 'b'}", "name=other"])
+    assert moved.exit_code == 2
+    assert moved.stderr.strip().splitlines() == [
+        f"error: command line: name: a resumed run goes on in {run_dir} (the run has 'tiny', got 'other'); "
+        "move or copy the directory to put it elsewhere",
+        f"error: command line: output.run_dir: a resumed run goes on in {run_dir} (the run has None, got "
+        f"'{tmp_path / 'b'}'); move or copy the directory to put it elsewhere",
+    ]
+    # fewer rounds than it has trained
+    short = runner.invoke(app, ["train", "--resume", str(run_dir), "federated.rounds=1"])
+    assert short.exit_code == 2
+    assert short.stderr.strip() == (
+        f"error: {run_dir / 'checkpoints' / 'last.pt'}: the run has trained 2 rounds, more than federated.rounds=1; "
+        "resume with federated.rounds of at least 2"
+    )
     assert (run_dir / "config.yaml").read_text() == before
+    assert not (tmp_path / "b").exists()
     # still resumable, and what a resume may change it changes
     more = runner.invoke(app, ["train", "--resume", str(run_dir), "federated.rounds=3", "eval.every=2"])
     assert more.exit_code == 0, more.output

@@ -19,9 +19,6 @@ from fltool.errors import FltoolError
 
 # dotted keys, or prefixes ending in "."
 RESUME_MAY_CHANGE = (
-    "name",  # where the run lives: a run directory may have been moved or copied
-    "output.dir",
-    "output.run_dir",
     "federated.rounds",
     "ddp.epochs",
     "eval.",
@@ -37,6 +34,11 @@ RESUME_MAY_CHANGE = (
     "ddp.compile",
 )
 
+# Where the run lives. A moved or copied run directory's config names another place
+# than its checkpoints do, so they may differ from the checkpoint's; but a resume goes
+# on in its own directory, and an override would only make config.yaml wrong about it.
+RUN_LOCATION = ("name", "output.dir", "output.run_dir")
+
 
 def resume_config(run_dir: Path, overrides: list[str]) -> Config:
     """The run's own config.yaml with `overrides` applied, refused (with every offending
@@ -46,9 +48,12 @@ def resume_config(run_dir: Path, overrides: list[str]) -> Config:
         raise FltoolError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
     cfg = load_config(path, overrides)
     problems = [
-        f"command line: {key}: a resumed run cannot change it (the run has {old!r}, got {new!r}); "
+        f"command line: {key}: a resumed run goes on in {run_dir} (the run has {old!r}, got {new!r}); "
+        "move or copy the directory to put it elsewhere"
+        if key in RUN_LOCATION
+        else f"command line: {key}: a resumed run cannot change it (the run has {old!r}, got {new!r}); "
         f"it may change {allowed_text()}"
-        for key, old, new in fixed_changes(load_config(path), cfg)
+        for key, old, new in fixed_changes(load_config(path), cfg, RESUME_MAY_CHANGE)
     ]
     if problems:
         raise FltoolError(*problems)
@@ -63,10 +68,18 @@ def check_resumable(ckpt: Checkpoint, cfg: Config, path: Path, world_size: int, 
     run's result does not depend on the world size.)"""
     problems = [
         f"{path}: was trained with {key}={old!r}, but the run's config has {new!r}"
-        for key, old, new in fixed_changes(ckpt.config, cfg)
+        for key, old, new in fixed_changes(ckpt.config, cfg, RESUME_MAY_CHANGE + RUN_LOCATION)
     ]
     if problems:
         raise FltoolError(*problems)
+    key, length, unit = (
+        ("ddp.epochs", cfg.ddp.epochs, "epochs") if cfg.mode == "ddp" else ("federated.rounds", cfg.federated.rounds, "rounds")
+    )
+    if length < ckpt.round:
+        raise FltoolError(
+            f"{path}: the run has trained {ckpt.round} {unit}, more than {key}={length}; "
+            f"resume with {key} of at least {ckpt.round}"
+        )
     trained = ckpt.extra.get("world_size")
     if ckpt.config.mode == "ddp" and trained is not None and trained != world_size:
         raise FltoolError(
@@ -76,15 +89,15 @@ def check_resumable(ckpt: Checkpoint, cfg: Config, path: Path, world_size: int, 
         )
 
 
-def fixed_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
-    """(dotted key, old value, new value) for every setting that differs although a
-    resumed run may not change it."""
+def fixed_changes(old: Config, new: Config, allowed: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every setting that differs although it is
+    not `allowed` (dotted keys, or prefixes ending in ".") to."""
     a, b = _flatten(dataclasses.asdict(old)), _flatten(dataclasses.asdict(new))
-    return [(key, a[key], b[key]) for key in a if a[key] != b[key] and not may_change(key)]
+    return [(key, a[key], b[key]) for key in a if a[key] != b[key] and not _matches(key, allowed)]
 
 
-def may_change(key: str) -> bool:
-    return any(key == allowed or (allowed.endswith(".") and key.startswith(allowed)) for allowed in RESUME_MAY_CHANGE)
+def _matches(key: str, allowed: tuple[str, ...]) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in allowed)
 
 
 def allowed_text() -> str:
