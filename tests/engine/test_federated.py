@@ -133,6 +133,25 @@ def test_eval_every_skips_evaluation_between(make_config):
     assert evaluated == [2, 4, 5]  # the last round is always evaluated
 
 
+def test_checkpoint_every_writes_last_at_its_multiples_and_the_end(make_config):
+    """Seen from each round's report (made after that round's checkpoint): last.pt
+    advances at rounds 3 and 6 and at the final round 7; best.pt follows improvements."""
+    cfg = make_config(federated={"rounds": 7}, eval={"every": 2}, output={"checkpoint_every": 3})
+    run_dir = create_run_dir(cfg)
+    seen: list[tuple[int, int | None]] = []
+
+    def on_round(row):
+        last = last_checkpoint(run_dir)
+        seen.append((row["round"], load_checkpoint(last).round if last.is_file() else None))
+
+    train_federated(cfg, run_dir, on_round=on_round)
+    assert seen == [(1, None), (2, None), (3, 3), (4, 3), (5, 3), (6, 6), (7, 7)]
+    rows = read_metrics(run_dir)
+    best = max((r for r in rows if r["test_accuracy"] is not None), key=lambda r: r["test_accuracy"])
+    saved_best = load_checkpoint(best_checkpoint(run_dir))
+    assert (saved_best.round, saved_best.best_accuracy) == (best["round"], best["test_accuracy"])  # first of ties
+
+
 def test_a_diverged_run_writes_strict_json(make_config):
     run_dir = run(make_config(federated={"rounds": 2, "lr": 1e30}))
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
