@@ -91,6 +91,10 @@ def test_bf16_autocast_and_sgd_train(tmp_path):
     losses = [row["train_loss"] for row in summary.metrics]
     assert losses[-1] < losses[0]
     assert summary.final_accuracy is not None and summary.final_accuracy > 0.5  # 4 classes: chance is 0.25
+    # bf16 really ran: the same run in fp32 ends elsewhere (by more than float noise)
+    fp32 = start_run(_cfg(tmp_path, "fp32", optimizer="sgd", lr=0.1, epochs=3), PlainReporter("epoch"))
+    a, b = load_model(summary.run_dir), load_model(fp32.run_dir)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-3
 
 
 def test_ddp_mnist_config_trains_and_its_checkpoint_evaluates(tmp_path):
