@@ -152,6 +152,19 @@ def test_checkpoint_every_writes_last_at_its_multiples_and_the_end(make_config):
     assert (saved_best.round, saved_best.best_accuracy) == (best["round"], best["test_accuracy"])  # first of ties
 
 
+@pytest.mark.parametrize("engine", ["sequential", "vectorized"])
+def test_server_lr_scales_the_rounds_model_delta(make_config, engine):
+    """One round moves the global model by server_lr x (average - w0), so w(2) - w(1) is
+    twice w(1) - w(0.5), with w0 never needed."""
+    model = {}
+    for lr in (0.5, 1.0, 2.0):
+        cfg = make_config(federated={"rounds": 1, "server_lr": lr, "engine": engine}, output={"checkpoint_every": 1})
+        model[lr] = load_checkpoint(last_checkpoint(run(cfg))).model
+    for key in model[1.0]:
+        torch.testing.assert_close(model[2.0][key] - model[1.0][key], 2 * (model[1.0][key] - model[0.5][key]))
+    assert any(not torch.equal(model[2.0][k], model[1.0][k]) for k in model[1.0])
+
+
 def test_a_diverged_run_writes_strict_json(make_config):
     run_dir = run(make_config(federated={"rounds": 2, "lr": 1e30}))
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
