@@ -98,6 +98,17 @@ def test_killed_worker_is_restarted_and_resumes_from_last_checkpoint(reference, 
     assert_same_model(load_model(run_dir), load_model(reference))
 
 
+def test_a_hung_peer_fails_the_run_after_ddp_timeout_s(tmp_path):
+    """Rank 1 hangs at epoch 2; rank 0 gives up at its next collective after 3 s, and
+    torchrun stops the hung one."""
+    done, run_dir = _launch(
+        tmp_path, "hang", ddp_config(timeout_s=3), "--nproc", "2", FLTOOL_FAULT_AT_EPOCH="2", FLTOOL_FAULT_KIND="hang"
+    )
+    assert done.returncode == 1
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: rank ") and "Timed out waiting 3000ms" in line, done.stderr
+
+
 def test_worker_exception_fails_launch_with_rank_and_message(tmp_path):
     done, run_dir = _launch(
         tmp_path, "boom", ddp_config(), "--nproc", "2", FLTOOL_FAULT_AT_EPOCH="2", FLTOOL_FAULT_KIND="raise"
