@@ -56,6 +56,19 @@ def test_shards_give_each_client_at_most_two_labels():
     assert all(p.numel() == 30 for p in parts)
 
 
+@pytest.mark.parametrize("shards", [1, 3, 5])
+def test_shards_per_client_sets_the_labels_a_client_can_hold(shards: int):
+    # 10 classes x 60, 10 clients x `shards` shards of 60/shards: no shard straddles labels
+    labels = balanced_labels(60)
+    parts = partition(labels, 10, DataConfig(partition="shards", shards_per_client=shards), seed=0)
+    labels_per_client = (label_histogram(labels, parts, 10) > 0).sum(1)
+    assert labels_per_client.max().item() <= shards and all(p.numel() == 60 for p in parts)
+    if shards == 1:  # one whole class each
+        assert labels_per_client.tolist() == [1] * 10
+    else:
+        assert labels_per_client.float().mean().item() > 1.5
+
+
 def test_shards_on_real_mnist_labels_are_pathological(mnist_root):
     from fltool.data import load_dataset
 
