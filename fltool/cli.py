@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -131,12 +130,13 @@ def eval_(
 ) -> None:
     """Evaluate CHECKPOINT on the test split of its dataset."""
     from fltool.engine.evaluate_checkpoint import evaluate_checkpoint
+    from fltool.engine.metrics import strict_json
     from fltool.ui import print_eval
 
     with user_errors():
         report = evaluate_checkpoint(checkpoint, data_root=data_root, device=device)
         if as_json:
-            typer.echo(json.dumps(report))
+            typer.echo(strict_json(report))  # a diverged model's NaN loss as null
         else:
             print_eval(report)
 

@@ -2,7 +2,8 @@
 
 The trainers flush a round's row after that round's checkpoint, so with a checkpoint
 every round the files on disk never run ahead of it. A diverged run's NaN or infinite
-values are written as null: JSON has no NaN, and strict parsers reject Python's."""
+values are written as null (an empty cell in the CSV): JSON has no NaN, and strict
+parsers reject Python's."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ class MetricsLog:
         self.rows: list[dict[str, Any]] = list(rows or [])
 
     def flush(self) -> None:
-        lines = (json.dumps({k: _finite_or_none(v) for k, v in r.items()}, allow_nan=False) + "\n" for r in self.rows)
+        lines = (strict_json(r) + "\n" for r in self.rows)
         atomic_write_text(self.run_dir / "metrics.jsonl", "".join(lines))
         atomic_write_text(self.run_dir / "metrics.csv", to_csv(self.rows))
 
@@ -41,13 +42,23 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def strict_json(value: Any) -> str:
+    """JSON with every NaN or infinity (at any depth) as null."""
+    return json.dumps(_finite_or_none(value), allow_nan=False)
+
+
 def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _cell(value: Any) -> Any:
     if isinstance(value, list):
         return " ".join(str(v) for v in value)
+    value = _finite_or_none(value)
     return "" if value is None else value
 
 

@@ -171,3 +171,15 @@ def test_a_diverged_run_writes_strict_json(make_config):
     strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) for line in lines]
     assert [r["round"] for r in strict] == [1, 2]
     assert strict[-1]["train_loss"] is None  # NaN, which JSON cannot hold
+    with open(run_dir / "metrics.csv", newline="") as f:
+        cells = list(csv.DictReader(f))
+    assert [row["train_loss"] for row in cells] == ["" if r["train_loss"] is None else str(r["train_loss"]) for r in strict]
+    # fltool eval --json of the diverged model is strict JSON too
+    from typer.testing import CliRunner
+
+    from fltool.cli import app
+
+    done = CliRunner().invoke(app, ["eval", str(last_checkpoint(run_dir)), "--json"])
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert report["loss"] is None
