@@ -32,7 +32,7 @@ from fltool.distributed.optim import make_optimizer, make_scheduler, resume_sche
 from fltool.distributed.sharding import rank_batches, steps_per_epoch
 from fltool.engine.checkpoint import Checkpoint, make_checkpoint, save_checkpoint
 from fltool.engine.evaluate import evaluate
-from fltool.engine.federated import Comm, RunSummary, summarize
+from fltool.engine.federated import Comm, RunSummary, summarize, target_reached_at
 from fltool.engine.metrics import MetricsLog
 from fltool.engine.resume import check_resumable
 from fltool.engine.rundir import best_checkpoint, last_checkpoint
@@ -124,13 +124,14 @@ def train_ddp(
         resume_schedule(scheduler, resume.extra["scheduler"], schedule_rule(dcfg, dcfg.epochs * steps))
         start, best = resume.round + 1, resume.best_accuracy
         log.rows = list(resume.metrics)
+        if target_reached_at(log.rows, "epoch", cfg.eval.target_accuracy) is not None:
+            start = dcfg.epochs + 1  # it stopped at its target: nothing left to train
 
     model = wrap_model(raw, device, dcfg.compile)
     autocast = make_autocast(dcfg.amp, device)
     x_train, y_train = dataset.train.x, dataset.train.y
     elapsed0 = log.rows[-1]["elapsed_s"] if log.rows else 0.0
     t0 = time.perf_counter()
-    target_epoch = None
 
     for epoch in range(start, dcfg.epochs + 1):
         maybe_inject_fault(run_dir, epoch, comm.rank)
@@ -181,10 +182,9 @@ def train_ddp(
             log.rows.append(row)
         comm.barrier()  # the checkpoint of this epoch exists before any rank goes on
         if reached:
-            target_epoch = epoch
             break
 
-    return summarize(run_dir, log.rows, "epoch", best, target_epoch, t_setup, t0)
+    return summarize(run_dir, log.rows, "epoch", best, cfg.eval.target_accuracy, t_setup, t0)
 
 
 def _save(

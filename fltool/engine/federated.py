@@ -97,10 +97,11 @@ def train_federated(
         model.load_state_dict(resume.model)
         start, best = resume.round + 1, resume.best_accuracy
         log.rows = list(resume.metrics)
+        if target_reached_at(log.rows, "round", cfg.eval.target_accuracy) is not None:
+            start = cfg.federated.rounds + 1  # it stopped at its target: nothing left to train
     elapsed0 = log.rows[-1]["elapsed_s"] if log.rows else 0.0
     t0 = time.perf_counter()
     params = list(model.parameters())
-    target_round, last_eval = None, None
 
     for r in range(start, cfg.federated.rounds + 1):
         t_round = time.perf_counter()
@@ -127,8 +128,8 @@ def train_federated(
         if r % cfg.eval.every == 0 or final:
             # Every rank evaluates the same global model, so a target-accuracy stop is
             # decided identically everywhere without another collective.
-            last_eval = evaluate(model, dataset.test, cfg.eval.batch_size, dataset.num_classes)
-            row["test_loss"], row["test_accuracy"] = last_eval.loss, last_eval.accuracy
+            ev = evaluate(model, dataset.test, cfg.eval.batch_size, dataset.num_classes)
+            row["test_loss"], row["test_accuracy"] = ev.loss, ev.accuracy
         row["wall_s"] = time.perf_counter() - t_round
         row["elapsed_s"] = elapsed0 + time.perf_counter() - t0
         row["bytes_up"] = row["bytes_down"] = len(sampled) * model_bytes
@@ -156,16 +157,29 @@ def train_federated(
         else:
             log.rows.append(row)
         if reached:
-            target_round = r
             break
     comm.barrier()
-    return summarize(run_dir, log.rows, "round", best, target_round, t_setup, t0)
+    return summarize(run_dir, log.rows, "round", best, cfg.eval.target_accuracy, t_setup, t0)
+
+
+def target_reached_at(rows: list[dict[str, Any]], unit: str, target: float | None) -> int | None:
+    """The first round (epoch) of `rows` whose test accuracy met `target`."""
+    if target is None:
+        return None
+    return next((r[unit] for r in rows if r["test_accuracy"] is not None and r["test_accuracy"] >= target), None)
 
 
 def summarize(
-    run_dir: Path, rows: list[dict[str, Any]], unit: str, best: float | None, target: int | None, t_setup: float, t0: float
+    run_dir: Path,
+    rows: list[dict[str, Any]],
+    unit: str,
+    best: float | None,
+    target: float | None,
+    t_setup: float,
+    t0: float,
 ) -> RunSummary:
-    """The run's summary from its metric rows; shared by the federated and DDP trainers."""
+    """The run's summary from its metric rows (all of them, a resumed run's earlier ones
+    too); shared by the federated and DDP trainers."""
     evaluated = [row for row in rows if row["test_accuracy"] is not None]
     return RunSummary(
         run_dir=run_dir,
@@ -173,7 +187,7 @@ def summarize(
         final_accuracy=evaluated[-1]["test_accuracy"] if evaluated else None,
         final_loss=evaluated[-1]["test_loss"] if evaluated else None,
         best_accuracy=best,
-        target_round=target,
+        target_round=target_reached_at(rows, unit, target),
         wall_s=time.perf_counter() - t0,
         metrics=rows,
         setup_s=t0 - t_setup,

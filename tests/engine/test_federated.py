@@ -125,6 +125,14 @@ def test_target_accuracy_stops_and_reports_the_round(make_config):
     assert rows[-1]["test_accuracy"] >= 0.5
     assert all(r["test_accuracy"] < 0.5 for r in rows[:-1])
     assert load_checkpoint(last_checkpoint(run_dir)).round == summary.target_round
+    # resumed, a run that stopped at its target trains no further and still reports it
+    again = resume_run(run_dir, [], PlainReporter("round"))
+    assert again.target_round == summary.target_round and again.rounds_completed == summary.target_round
+    assert read_metrics(run_dir) == rows
+    # a higher target on resume trains on, and reports the round that met the new one
+    higher = resume_run(run_dir, ["eval.target_accuracy=0.7"], PlainReporter("round"))
+    assert higher.target_round is not None and higher.target_round > summary.target_round
+    assert [r["test_accuracy"] >= 0.7 for r in read_metrics(run_dir)].index(True) + 1 == higher.target_round
 
 
 def test_eval_every_skips_evaluation_between(make_config):
