@@ -88,7 +88,9 @@ def print_eval(report: dict[str, Any]) -> None:
     console = Console()
     console.print(
         f"{report['checkpoint']}: {report['mode']} {report['model']} on {report['dataset']}, "
-        f"round {report['round']}, {report['examples']} test examples"
+        f"{'epoch' if 'epoch' in report else 'round'} {report.get('epoch', report.get('round'))}, "
+        f"{report['examples']} test examples",
+        soft_wrap=True,  # one line even when piped (rich would cut it at 80 columns)
     )
     console.print(f"accuracy {report['accuracy']:.4f}  loss {report['loss']:.4f}")
     table = Table("class", "accuracy")

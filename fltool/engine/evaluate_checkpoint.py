@@ -32,7 +32,7 @@ def evaluate_checkpoint(path: Path, data_root: str | None = None, device: str = 
         "mode": cfg.mode,
         "model": cfg.model.name,
         "dataset": cfg.data.dataset,
-        "round": ckpt.round,
+        "epoch" if cfg.mode == "ddp" else "round": ckpt.round,
         "accuracy": result.accuracy,
         "loss": result.loss,
         "per_class_accuracy": result.per_class,

@@ -117,5 +117,7 @@ def test_ddp_mnist_config_trains_and_its_checkpoint_evaluates(tmp_path):
     ev = run_cli("eval", str(run_dir / "checkpoints" / "last.pt"), "--json", "--device", "cpu", cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr
     report = json.loads(ev.stdout)
-    assert report["mode"] == "ddp" and report["model"] == "cnn"
+    assert report["mode"] == "ddp" and report["model"] == "cnn" and report["epoch"] == 1 and "round" not in report
+    plain = run_cli("eval", str(run_dir / "checkpoints" / "last.pt"), "--device", "cpu", cwd=tmp_path)
+    assert plain.stdout.splitlines()[0].endswith(": ddp cnn on synthetic, epoch 1, 64 test examples")
     assert report["accuracy"] == pytest.approx(row["test_accuracy"])
