@@ -86,10 +86,10 @@ def make_reporter(unit: str = "round") -> PlainReporter:
 
 def print_eval(report: dict[str, Any]) -> None:
     console = Console()
+    unit = "epoch" if "epoch" in report else "round"
     console.print(
         f"{report['checkpoint']}: {report['mode']} {report['model']} on {report['dataset']}, "
-        f"{'epoch' if 'epoch' in report else 'round'} {report.get('epoch', report.get('round'))}, "
-        f"{report['examples']} test examples",
+        f"{unit} {report[unit]}, {report['examples']} test examples",
         soft_wrap=True,  # one line even when piped (rich would cut it at 80 columns)
     )
     console.print(f"accuracy {report['accuracy']:.4f}  loss {report['loss']:.4f}")
