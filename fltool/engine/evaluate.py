@@ -30,9 +30,12 @@ def evaluate(model: nn.Module, split: TensorSplit, batch_size: int, num_classes:
         x, y = split.x[start : start + batch_size], split.y[start : start + batch_size]
         logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        # a row with a NaN/inf logit predicts nothing: argmax would name class 0 (all NaN)
+        # or the NaN's class, and a diverged model would score that class's share
+        hits = (logits.argmax(1) == y) & logits.isfinite().all(1)
         # index_add_, not bincount(y[hits]): a boolean mask and CUDA's bincount both
         # wait for the device to size their output, once per batch
-        correct.index_add_(0, y, (logits.argmax(1) == y).long())
+        correct.index_add_(0, y, hits.long())
     model.train(was_training)
     counts = torch.zeros_like(correct).index_add_(0, split.y, torch.ones_like(split.y)).clamp_min(1)
     correct_cpu, counts_cpu = correct.cpu(), counts.cpu()

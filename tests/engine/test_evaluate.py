@@ -29,3 +29,26 @@ def test_loss_accuracy_and_per_class_accuracy_match_a_direct_computation() -> No
         assert result.per_class[c] == pytest.approx(((pred == y) & (y == c)).sum().item() / (y == c).sum().item())
     assert result.per_class[3] == 0.0
     assert model.training  # left in the mode it was in
+
+
+def test_a_diverged_model_scores_zero_not_the_share_of_class_zero() -> None:
+    """argmax of all-NaN logits is class 0: counted as hits, a NaN model would score
+    class 0's share and could become a run's best accuracy."""
+    x = torch.randn(20, 5)
+    y = torch.zeros(20, dtype=torch.long)
+    y[10:] = torch.arange(10) % 4
+    model = nn.Linear(5, 4)
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    assert model(x).argmax(1).eq(0).all()  # what the old count took for hits
+    result = evaluate(model, TensorSplit(x, y), batch_size=8, num_classes=4)
+    assert result.accuracy == 0.0
+    assert result.per_class == [0.0, 0.0, 0.0, 0.0]
+    assert result.loss != result.loss  # NaN, reported as null downstream
+
+
+def test_a_row_with_an_infinite_logit_is_not_a_hit_even_where_argmax_is_right() -> None:
+    x = torch.tensor([[float("inf"), 0.0, 0.0], [2.0, 1.0, 0.0]])
+    y = torch.tensor([0, 0])
+    result = evaluate(nn.Identity(), TensorSplit(x, y), batch_size=2, num_classes=3)
+    assert result.accuracy == 0.5
