@@ -18,7 +18,13 @@ VmHWM is reset by writing 5 to /proc/self/clear_refs before each engine. Where t
 reset is not possible it falls back to the growth of getrusage's ru_maxrss, which
 shows 0 for an engine that stays below an earlier peak.
 
+`--variant` switches the hand-batched step to another kernel arrangement for an A/B run
+(the same math; see VARIANTS). `--profile N` profiles one more round of each engine and
+prints its N most expensive ops (device time on CUDA, kernels inside CUDA graphs
+included; CPU time otherwise).
+
     PYTHONPATH=. python scripts/bench_engines.py --workload 2nn --rounds 3 --device cpu
+    PYTHONPATH=. python scripts/bench_engines.py --workload cnn --engines vectorized --profile 15
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from fltool.algorithms.sampling import generator_for, sample_clients
 from fltool.config.schema import DataConfig, SyntheticConfig
 from fltool.data import load_dataset
 from fltool.devices import keep_freed_host_memory
+from fltool.engine import batched_nets
 from fltool.engine.batched_nets import make_batched_apply, supports
 from fltool.engine.cohort import ClientData, make_engine
 from fltool.models import build_model
@@ -69,6 +76,21 @@ WORKLOADS = {
     "cnn_1000": Workload("cnn", 1000, 10, (1, 28, 28), 1.0, 1, 10),  # 1,000 CNN clients: needs chunking
     "cifar": Workload("cnn_cifar", 1000, 50, (3, 32, 32), 0.05, 1, 10),  # pfl-research CIFAR-10
 }
+
+
+VARIANTS = {
+    "batched-linear": "every dense layer as BatchedLinear, on every device (default: CPU, >= 1M weights a client)",
+    "channels-last": "grouped convolutions in channels-last layout on every device (default: CPU only)",
+}
+
+
+def use_variants(names: list[str]) -> None:
+    """Swap the hand-batched step's per-device choices for this process (see VARIANTS).
+    They pick kernels and memory layouts, not the math: tests check both forms equal."""
+    if "batched-linear" in names:
+        batched_nets.uses_batched_linear = lambda x, w: True
+    if "channels-last" in names:
+        batched_nets.conv_layout = lambda device: torch.channels_last
 
 
 def make_clients(w: Workload, data: str, device: torch.device) -> list[ClientData]:
@@ -180,6 +202,18 @@ def flop_bound(w: Workload, model: torch.nn.Module, device: torch.device) -> tup
     return flops / peak, f"{flops / 1e6:.1f} MFLOP a client-step at {peak / 1e9:.0f} GFLOP/s"
 
 
+def profile_round(run_round: Callable[[int], None], r: int, device: torch.device, top: int) -> None:
+    """One more round under torch.profiler: its `top` ops by self time on the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run_round(r)
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=top), flush=True)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -241,7 +275,7 @@ def bench(name: str, w: Workload, args: argparse.Namespace, device: torch.device
     clients = make_clients(w, args.data, device)
     cohorts = {
         r: [clients[k] for k in sample_clients(w.num_clients, w.fraction, generator_for(0, "sample", r))]
-        for r in range(args.rounds + 1)
+        for r in range(args.rounds + 2)  # the last one only for --profile
     }
     steps = sum(w.epochs * math.ceil(c.n / w.batch_size) for r in range(1, args.rounds + 1) for c in cohorts[r])
     steps_per_round = steps / args.rounds
@@ -284,6 +318,9 @@ def bench(name: str, w: Workload, args: argparse.Namespace, device: torch.device
         ref = rate if engine_name == "textbook" else ref
         ratio = f"{rate / ref:.2f}" if ref else "-"
         print(f"{engine_name:<12} {rate:>15,.0f} {seconds:>10.3f} {mib:>10.0f} {ratio:>11}", flush=True)
+        if args.profile:
+            print(f"-- {engine_name}: one round profiled, top {args.profile} ops")
+            profile_round(run_round, args.rounds + 1, device, args.profile)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -303,7 +340,12 @@ def main(argv: list[str] | None = None) -> None:
         "--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="vectorized: replay steps as CUDA graphs"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--variant", nargs="+", choices=list(VARIANTS), default=[],
+                        help="; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, profile one more round of each engine and print its N costliest ops")
     args = parser.parse_args(argv)
+    use_variants(args.variant)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.threads:
@@ -312,7 +354,8 @@ def main(argv: list[str] | None = None) -> None:
     # as fltool's trainers do on CPU; every engine here, the textbook loop too, runs with it
     kept = keep_freed_host_memory(device)
     print(f"malloc keeps freed memory: {kept}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, python {sys.version.split()[0]}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, python {sys.version.split()[0]}"
+          + (f", variants: {' '.join(args.variant)}" if args.variant else ""))
     for name in WORKLOADS if args.workload == "all" else [args.workload]:
         bench(name, WORKLOADS[name], args, device)
 

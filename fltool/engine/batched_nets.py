@@ -89,12 +89,24 @@ def autograd_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 BATCHED_LINEAR_MIN_WEIGHTS = 2**20  # per client
 
 
-def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+def uses_batched_linear(x: Tensor, w: Tensor) -> bool:
     # CUDA keeps autograd_linear: the form measured and tested under graph capture on the
-    # H100, where BatchedLinear has not run yet
-    if x.device.type == "cpu" and w[0].numel() >= BATCHED_LINEAR_MIN_WEIGHTS:
+    # H100, where BatchedLinear has not been timed yet (`bench_engines.py --variant`)
+    return x.device.type == "cpu" and w[0].numel() >= BATCHED_LINEAR_MIN_WEIGHTS
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    if uses_batched_linear(x, w):
         return BatchedLinear.apply(x, w, b)
     return autograd_linear(x, w, b)
+
+
+def conv_layout(device: torch.device) -> torch.memory_format:
+    """oneDNN's grouped convolution ran ~25% faster in channels-last layout on CPU
+    (McMahan CNN, 3 clients: 12.7 -> 9.8 ms forward+backward); cuDNN's ran ~10% slower
+    in it on an H100 (graphed McMahan CNN round, 10 clients: 0.327 against 0.295 s), so
+    CUDA keeps the default layout."""
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
 def _dropout(h: Tensor, p: float, training: bool) -> Tensor:
@@ -172,11 +184,7 @@ def make_batched_apply(model: nn.Sequential) -> BatchedApply:
 
     def apply(params: Sequence[Tensor], x: Tensor) -> Tensor:
         m = x.shape[0]
-        # oneDNN's grouped convolution ran ~25% faster in channels-last layout on CPU
-        # (McMahan CNN, 3 clients: 12.7 -> 9.8 ms forward+backward); cuDNN's ran ~10%
-        # slower in it on an H100 (graphed McMahan CNN round, 10 clients: 0.327 against
-        # 0.295 s), so CUDA keeps the default layout
-        layout = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
+        layout = conv_layout(x.device)
         it: Iterator[Tensor] = iter(params)
         h, grouped = x, False
         for layer in layers:

@@ -3,10 +3,15 @@ and the two bounds."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
+
+from fltool.engine import batched_nets
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,3 +33,32 @@ def test_bench_script_times_textbook_sequential_and_vectorized(tmp_path):
     # the 2NN at B=10: forward and weight gradients 2*10*199,200 FLOPs each, input
     # gradients of the two upper layers 2*10*42,000 (the first layer's input needs none)
     assert "8.8 MFLOP a client-step" in " ".join(rows["flop-bound"])
+
+
+def test_bench_variants_and_profile_run_and_say_so(tmp_path):
+    """--variant swaps the hand-batched step's kernels (their equality is tested in
+    test_batched_nets); --profile prints one profiled round's op table per engine."""
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_engines.py"), "--workload", "2nn", "--rounds", "1",
+           "--device", "cpu", "--engines", "vectorized", "--variant", "batched-linear", "channels-last",
+           "--profile", "5"]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "variants: batched-linear channels-last" in done.stdout
+    assert "-- vectorized: one round profiled, top 5 ops" in done.stdout
+    assert "Self CPU time total" in done.stdout
+
+
+def test_variants_switch_the_per_device_choices(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_engines", REPO / "scripts" / "bench_engines.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_engines", bench)  # its dataclasses look themselves up there
+    spec.loader.exec_module(bench)
+    for name in ("uses_batched_linear", "conv_layout"):  # restored after the test
+        monkeypatch.setattr(batched_nets, name, getattr(batched_nets, name))
+    small, cuda = (torch.zeros(2, 3, 4), torch.zeros(2, 5, 4)), torch.device("cuda")
+    assert not batched_nets.uses_batched_linear(*small)
+    assert batched_nets.conv_layout(cuda) == torch.contiguous_format
+    bench.use_variants(["batched-linear", "channels-last"])
+    assert batched_nets.uses_batched_linear(*small)
+    assert batched_nets.conv_layout(cuda) == torch.channels_last
