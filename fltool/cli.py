@@ -123,12 +123,12 @@ def launch(
 
 @app.command("eval")
 def eval_(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by fltool.")],
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by fltool, or a run directory (its last.pt).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
     data_root: Annotated[Optional[str], typer.Option(help="Override data.root of the stored config.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
-    """Evaluate CHECKPOINT on the test split of its dataset."""
+    """Evaluate CHECKPOINT (or a run directory's last checkpoint) on the test split of its dataset."""
     from fltool.engine.evaluate_checkpoint import evaluate_checkpoint
     from fltool.engine.metrics import strict_json
     from fltool.ui import print_eval

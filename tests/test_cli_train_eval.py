@@ -49,6 +49,10 @@ def test_fedavg_2nn_reaches_real_accuracy_on_mnist_and_eval_reproduces_it(mnist_
     text = fltool("eval", str(run_dir / "checkpoints/best.pt"), cwd=tmp_path)
     assert text.returncode == 0 and "accuracy 0.92" in text.stdout
 
+    by_dir = fltool("eval", str(run_dir), "--json", cwd=tmp_path)  # a run directory: its last.pt
+    assert by_dir.returncode == 0, by_dir.stderr
+    assert json.loads(by_dir.stdout) == {**report, "checkpoint": str(run_dir / "checkpoints/last.pt")}
+
 
 def test_eval_rejects_corrupt_and_foreign_files(tmp_path: Path):
     corrupt = tmp_path / "corrupt.pt"
@@ -64,6 +68,7 @@ def test_eval_rejects_corrupt_and_foreign_files(tmp_path: Path):
         (truncated, "not a readable checkpoint"),
         (foreign, "not an fltool checkpoint"),
         (tmp_path / "missing.pt", "no such checkpoint file"),
+        (tmp_path, "a directory without checkpoints/last.pt"),
     ]:
         result = runner.invoke(app, ["eval", str(path)])
         assert result.exit_code == 2, (path, result.output)

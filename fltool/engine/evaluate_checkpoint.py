@@ -9,13 +9,19 @@ from typing import Any
 from fltool.data import load_dataset
 from fltool.engine.checkpoint import load_checkpoint
 from fltool.engine.evaluate import evaluate
+from fltool.engine.rundir import last_checkpoint
 from fltool.engine.setup import resolve_device
 from fltool.errors import FltoolError
 from fltool.models import build_model
 
 
 def evaluate_checkpoint(path: Path, data_root: str | None = None, device: str = "auto") -> dict[str, Any]:
+    """Test a checkpoint file, or a run directory's latest model (its `last.pt`)."""
     dev = resolve_device(device, key="--device")
+    if path.is_dir():
+        if not last_checkpoint(path).is_file():
+            raise FltoolError(f"{path}: a directory without {last_checkpoint(Path())}: not a run, or one stopped before its first checkpoint")
+        path = last_checkpoint(path)
     ckpt = load_checkpoint(path)
     cfg = ckpt.config
     if data_root is not None:
