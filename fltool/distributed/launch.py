@@ -256,6 +256,15 @@ def await_run_dir(cfg: Config, timeout_s: float, poll_s: float = 0.2) -> Path:
             f"{config_file}: node 0 resolved a different config than this node; "
             "launch every node with the same config file and overrides"
         )
+    # Nothing of a fresh run can be written before this node joins the rendezvous, so
+    # these are an earlier run's: node 0 refuses that directory, and this node would
+    # otherwise wait at the rendezvous for a node 0 that never comes.
+    trained = [p for p in (last_checkpoint(run_dir), run_dir / "metrics.jsonl") if p.is_file()]
+    if trained:
+        raise FltoolError(
+            f"output.run_dir: {run_dir} holds an earlier run ({trained[0].relative_to(run_dir)}); "
+            f"continue it with --resume {run_dir} on every node, or give every node a new output.run_dir"
+        )
     return run_dir
 
 

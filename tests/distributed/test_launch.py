@@ -264,6 +264,12 @@ def test_multi_node_launch_needs_a_shared_run_dir_and_equal_configs(tmp_path):
     assert differs.returncode == 2 and "node 0 resolved a different config" in differs.stderr
     assert not (run_dir / "torchrun").exists()  # no worker started
 
+    (run_dir / "metrics.jsonl").write_text('{"round": 1}\n')  # an earlier run's, at the same path
+    stale = run_cli(*node, str(cfg), f"output.run_dir={run_dir}", "ddp.timeout_s=1", cwd=tmp_path)
+    assert stale.returncode == 2 and len(stale.stderr.splitlines()) == 1
+    assert f"{run_dir} holds an earlier run (metrics.jsonl); continue it with --resume" in stale.stderr
+    assert not (run_dir / "torchrun").exists()
+
 
 def test_dry_run_prints_the_torchrun_command_and_creates_nothing(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", {**ddp_config(), "output": {"dir": str(tmp_path / "runs")}})
