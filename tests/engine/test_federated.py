@@ -179,6 +179,7 @@ def test_a_diverged_run_writes_strict_json(make_config):
     strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) for line in lines]
     assert [r["round"] for r in strict] == [1, 2]
     assert strict[-1]["train_loss"] is None  # NaN, which JSON cannot hold
+    assert strict[-1]["test_accuracy"] == 0.0  # NaN logits predict nothing (not class 0)
     with open(run_dir / "metrics.csv", newline="") as f:
         cells = list(csv.DictReader(f))
     assert [row["train_loss"] for row in cells] == ["" if r["train_loss"] is None else str(r["train_loss"]) for r in strict]
@@ -191,3 +192,4 @@ def test_a_diverged_run_writes_strict_json(make_config):
     assert done.exit_code == 0, done.output
     report = json.loads(done.stdout, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert report["loss"] is None
+    assert report["accuracy"] == 0.0
