@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fltool.algorithms import LocalRule
-from fltool.engine import step_graph
+from fltool.engine import batched_nets, step_graph
 from fltool.engine.checkpoint import load_checkpoint
 from fltool.engine.cohort import ClientData, SequentialEngine
 from fltool.engine.metrics import read_metrics
@@ -75,6 +75,24 @@ def test_graph_replays_compute_what_the_eager_steps_compute(mode: str, model_nam
     graphed = VectorizedEngine(model, seed=3).train_cohort(params, clients, RULES[mode], 2)
     assert_same(graphed.weighted.average(), eager.weighted.average(), atol=1e-6)
     torch.testing.assert_close(graphed.loss_sum, eager.loss_sum, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["batched-linear", "channels-last"])
+@pytest.mark.parametrize("model_name,shape", MODELS)
+def test_bench_variants_graphed_match_sequential(variant: str, model_name: str, shape: tuple[int, ...], monkeypatch) -> None:
+    """`bench_engines.py --variant` on CUDA: BatchedLinear for every dense layer, or
+    channels-last convolutions, captured in a graph, still compute the sequential model."""
+    if variant == "batched-linear":
+        monkeypatch.setattr(batched_nets, "uses_batched_linear", lambda x, w: True)
+    else:
+        monkeypatch.setattr(batched_nets, "conv_layout", lambda device: torch.channels_last)
+    model = cuda_model(model_name, shape)
+    clients, params = on_cuda(make_clients(shape)), global_params(model)
+    seq = SequentialEngine(model, seed=3).train_cohort(params, clients, RULES["fedprox"], 2)
+    engine = VectorizedEngine(model, seed=3)
+    vec = engine.train_cohort(params, clients, RULES["fedprox"], 2)
+    assert len(engine.graphs.graphs) == 1
+    assert_same(vec.weighted.average(), seq.weighted.average(), atol=1e-5)
 
 
 def test_graphs_are_reused_across_rounds_and_regrown_for_larger_cohorts(monkeypatch) -> None:
