@@ -14,6 +14,11 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _span(unit: str, first: int, total: int) -> str:
+    """What this process will train: e.g. "rounds 6..20" (a resume of a finished run has none)."""
+    return f"{unit}s {first}..{total}" if first <= total else f"all {total} {unit}s already trained"
+
+
 class PlainReporter:
     """One line per round; safe for logs, pipes and CI."""
 
@@ -23,7 +28,7 @@ class PlainReporter:
 
     def start(self, name: str, run_dir: str, first: int, total: int) -> None:
         self.total = total
-        print(f"fltool: {name} -> {run_dir} ({self.unit}s {first}..{total})", flush=True)
+        print(f"fltool: {name} -> {run_dir} ({_span(self.unit, first, total)})", flush=True)
 
     def update(self, row: dict[str, Any]) -> None:
         print(
@@ -59,7 +64,7 @@ class RichReporter(PlainReporter):
 
     def start(self, name: str, run_dir: str, first: int, total: int) -> None:
         self.total = total
-        self.console.print(f"[bold]fltool[/bold] {name} -> {run_dir}")
+        self.console.print(f"[bold]fltool[/bold] {name} -> {run_dir} ({_span(self.unit, first, total)})")
         self.progress.start()
         self.task = self.progress.add_task(self.unit, total=total, completed=first - 1, acc="-", loss="-")
 

@@ -163,8 +163,9 @@ def prepare_data(cfg: Config) -> None:
 
 
 def dry_run_command(cfg: Config, opts: LaunchOptions, resume: Path | None) -> str:
+    """The shell command that `launch` amounts to, with the variable it sets for torchrun."""
     run_dir = resume or cfg.output.run_dir or f"{cfg.output.dir}/{cfg.name}/<timestamp>"
-    return shlex.join(["torchrun", *torchrun_args(opts, run_dir, cfg.name)])
+    return shlex.join([f"{UNSHARED_STORE_ENV}=1", "torchrun", *torchrun_args(opts, run_dir, cfg.name)])
 
 
 def launch(cfg: Config, opts: LaunchOptions, resume: Path | None = None) -> Path:

@@ -275,7 +275,8 @@ def test_dry_run_prints_the_torchrun_command_and_creates_nothing(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", {**ddp_config(), "output": {"dir": str(tmp_path / "runs")}})
     single = run_cli("launch", "--nproc", "2", "--dry-run", str(cfg), cwd=tmp_path)
     assert single.returncode == 0, single.stderr
-    assert single.stdout.startswith("torchrun --nproc-per-node=2 --standalone --max-restarts=0 ")
+    # the variable launch sets (a fresh worker store per restart; see Multi-node in the README)
+    assert single.stdout.startswith("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nproc-per-node=2 --standalone --max-restarts=0 ")
     assert "--module fltool.distributed.worker" in single.stdout
     multi = run_cli(
         "launch", "--nproc", "2", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "head:29400",
