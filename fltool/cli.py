@@ -63,24 +63,23 @@ def train(
 ) -> None:
     """Train from CONFIG (federated simulation in-process, or DDP with world size 1)."""
     from fltool.config import dump_config, load_config
+    from fltool.engine.resume import resume_config
     from fltool.engine.runner import resume_run, start_run
     from fltool.ui import make_reporter
 
     overrides = list(overrides or [])
     with user_errors():
-        if resume is not None:
-            if config is not None:  # with --resume every positional is an override
-                overrides.insert(0, config)
-            summary = resume_run(resume, overrides, make_reporter())
+        if resume is not None and config is not None:  # with --resume every positional is an override
+            overrides.insert(0, config)
+        if resume is None and config is None:
+            raise FltoolError("train: missing CONFIG; usage: fltool train CONFIG.yaml [key=value ...]")
+        if print_config:
+            cfg = load_config(config, overrides) if resume is None else resume_config(resume, overrides)
+            typer.echo(dump_config(cfg), nl=False)
+        elif resume is not None:
+            resume_run(resume, overrides, make_reporter())
         else:
-            if config is None:
-                raise FltoolError("train: missing CONFIG; usage: fltool train CONFIG.yaml [key=value ...]")
-            cfg = load_config(config, overrides)
-            if print_config:
-                typer.echo(dump_config(cfg), nl=False)
-                return
-            summary = start_run(cfg, make_reporter())
-    del summary
+            start_run(load_config(config, overrides), make_reporter())
 
 
 @app.command()
@@ -141,8 +140,18 @@ def eval_(
             print_eval(report)
 
 
-def main() -> None:
-    app(prog_name="fltool")
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI. A usage error (an unknown option, `--nproc abc`, a missing argument) is
+    one line and exit 2 like every other input error, not click's framed usage box."""
+    usage_error = typer.BadParameter.__bases__[0]  # click's UsageError, vendored by typer or not
+    try:
+        code = app(prog_name="fltool", args=argv, standalone_mode=False)
+    except usage_error as exc:
+        if exc.format_message():  # empty for `fltool` alone, whose help typer has printed
+            command = exc.ctx.command_path if exc.ctx is not None else "fltool"
+            typer.echo(f"error: {command}: {exc.format_message()} (see `{command} --help`)", err=True)
+        code = exc.exit_code
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

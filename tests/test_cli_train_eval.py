@@ -267,3 +267,52 @@ def test_an_early_interrupted_launch_says_how_to_start_it_again(tmp_path: Path):
     assert message == (
         f"interrupted before the first checkpoint; `fltool launch --nproc 2 --resume {tmp_path}` starts the run again there"
     )
+
+
+@pytest.mark.parametrize(
+    "argv,line",
+    [
+        (["launch", "--nproc", "abc", "x.yaml"], "error: fltool launch: Invalid value for '--nproc'"),
+        (["launch", "--bogus"], "error: fltool launch: No such option: --bogus (see `fltool launch --help`)"),
+        (["eval"], "error: fltool eval: Missing argument 'checkpoint'. (see `fltool eval --help`)"),
+        (["bogus"], "error: fltool: No such command 'bogus'. (see `fltool --help`)"),
+        (["train", "--resume"], "error: fltool: Option '--resume' requires an argument."),
+    ],
+)
+def test_a_usage_error_is_one_line_and_exit_2(argv: list[str], line: str, capsys):
+    """Not click's framed usage box: one line, like every other input error."""
+    from fltool.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and err.startswith(line), err
+
+
+def test_help_and_a_bare_fltool_still_print_the_help(capsys):
+    from fltool.cli import main
+
+    for argv, code in ([["--help"], 0], [[], 2]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == code
+        out, err = capsys.readouterr()
+        assert "train" in out and "launch" in out and "eval" in out and err == ""
+
+
+def test_print_config_with_resume_prints_the_resumed_config_and_trains_nothing(make_config, tmp_path: Path):
+    from fltool.config import dump_config
+
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(dump_config(make_config()))
+    runner = CliRunner()
+    assert runner.invoke(app, ["train", str(cfg_path), "federated.rounds=2"]).exit_code == 0
+    run_dir = only_run_dir(tmp_path / "runs")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    shown = runner.invoke(app, ["train", "--resume", str(run_dir), "--print-config", "federated.rounds=3"])
+    assert shown.exit_code == 0, shown.output
+    assert "rounds: 3" in shown.stdout and "rounds: 2" not in shown.stdout
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # nothing trained or written
+    refused = runner.invoke(app, ["train", "--resume", str(run_dir), "--print-config", "seed=5"])
+    assert refused.exit_code == 2 and "a resumed run cannot change it" in refused.stderr
