@@ -214,6 +214,27 @@ def test_a_crash_in_set_up_leaves_no_run_behind(make_config, monkeypatch, tmp_pa
     assert not (tmp_path / "run").exists()  # so the same command can simply be rerun
 
 
+@pytest.mark.parametrize("where", ["timestamped", "run_dir", "users_empty_run_dir"])
+def test_a_failed_set_up_removes_only_what_it_created(where: str, make_config, monkeypatch, tmp_path: Path):
+    """The run directory and the parents it made go; a directory that was there before
+    (a neighbour's run, the user's own empty output.run_dir) stays."""
+    import fltool.engine.federated as federated
+    from fltool.engine.runner import start_run
+    from fltool.ui import PlainReporter
+
+    monkeypatch.setattr(federated, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("set-up failed")))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "neighbour").mkdir()
+    output = {
+        "timestamped": {"dir": str(tmp_path / "out" / "new" / "runs")},
+        "run_dir": {"run_dir": str(tmp_path / "out" / "new" / "deeper" / "run")},
+        "users_empty_run_dir": {"run_dir": str(tmp_path / "out" / "neighbour")},
+    }[where]
+    with pytest.raises(RuntimeError, match="set-up failed"):
+        start_run(make_config(output=output), PlainReporter("round"))
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == ["neighbour"]
+
+
 def test_run_directory_that_cannot_be_created(make_config, tmp_path: Path):
     from fltool.config import dump_config
 

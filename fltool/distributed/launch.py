@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from fltool.engine.atomic import atomic_write_text
 from fltool.engine.metrics import read_metrics
 from fltool.engine.checkpoint import load_checkpoint
 from fltool.engine.resume import check_resumable, resume_config
-from fltool.engine.rundir import CONFIG_FILE, RunInterrupted, create_run_dir, last_checkpoint
+from fltool.engine.rundir import CONFIG_FILE, RunInterrupted, check_run_dir_available, create_run_dir, last_checkpoint
 from fltool.engine.setup import check_model_fits
 from fltool.errors import FltoolError
 
@@ -34,6 +35,7 @@ LOG_DIR = "torchrun"
 # that hides the previous round's keys (seen as a DistStoreError timeout in the two-node
 # restart test).
 UNSHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+MAX_NPROC = 1024  # per node: far beyond any node's GPUs, and torchrun would try to spawn them all
 
 
 @dataclass
@@ -59,10 +61,35 @@ def check_options(opts: LaunchOptions) -> None:
         problems.append(f"launch: --node-rank must be in [0, {opts.nnodes - 1}], got {opts.node_rank}")
     if opts.max_restarts < 0:
         problems.append(f"launch: --max-restarts must be >= 0, got {opts.max_restarts}")
+    if opts.nproc > MAX_NPROC:
+        problems.append(f"launch: --nproc must be <= {MAX_NPROC} (processes on this node), got {opts.nproc}")
     if opts.nnodes > 1 and not opts.rdzv_endpoint:
         problems.append("launch: --nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+    if opts.rdzv_endpoint is not None and split_endpoint(opts.rdzv_endpoint) is None:
+        problems.append(f"launch: --rdzv-endpoint must be HOST:PORT with a port in 1..65535, got {opts.rdzv_endpoint!r}")
     if problems:
         raise FltoolError(*problems)
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int] | None:
+    """HOST:PORT (an IPv6 host in brackets) -> (host, port), or None if malformed."""
+    host, sep, port = endpoint.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or any(c.isspace() for c in endpoint) or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def check_endpoint_resolves(opts: LaunchOptions) -> None:
+    """torchrun retries an unresolvable rendezvous host until its join timeout, printing
+    a warning a second; fail at once instead."""
+    if opts.rdzv_endpoint is None:
+        return
+    host, port = split_endpoint(opts.rdzv_endpoint) or ("", 0)
+    try:
+        socket.getaddrinfo(host, port)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise FltoolError(f"launch: --rdzv-endpoint: cannot resolve host {host!r} ({exc})") from None
 
 
 def check_not_nested() -> None:
@@ -141,7 +168,7 @@ def prepare(
     if resume is not None:
         cfg = resume_config(resume, overrides)
         ckpt_path = last_checkpoint(resume)
-        if ckpt_path.is_file():  # none yet: the workers start the run afresh
+        if ckpt_path.exists():  # none yet: the workers start the run afresh
             check_resumable(load_checkpoint(ckpt_path), cfg, ckpt_path, opts.nproc * opts.nnodes, "this launch")
     else:
         if config is None:
@@ -150,6 +177,8 @@ def prepare(
     check_model_fits(cfg)
     check_devices(cfg, opts.nproc)
     check_shared_run_dir(cfg, opts, resume)
+    if resume is None and opts.node_rank == 0:  # the node that creates the run directory
+        check_run_dir_available(cfg)
     return cfg, resume
 
 
@@ -175,6 +204,7 @@ def launch(cfg: Config, opts: LaunchOptions, resume: Path | None = None) -> Path
     from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousError
     from torch.distributed.run import parse_args, run
 
+    check_endpoint_resolves(opts)
     run_dir = node_run_dir(cfg, opts, resume)
     # The agent logs each dead worker at ERROR level; `failure_summary` reports it once.
     agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -25,11 +28,50 @@ def create_run_dir(cfg: Config) -> Path:
         raise FltoolError(f"{key}: cannot create the run directory{where}: {exc.strerror or exc}") from None
 
 
+def check_run_dir_available(cfg: Config) -> None:
+    """What `create_run_dir` would refuse, found without creating anything (for
+    `launch --dry-run` and before workers start)."""
+    key = "output.run_dir" if cfg.output.run_dir else "output.dir"
+    base = run_dir_base(cfg)
+    if cfg.output.run_dir and base.is_dir() and any(base.iterdir()):
+        raise FltoolError(f"output.run_dir: {base} already exists and is not empty; runs are never overwritten")
+    existing = next(p for p in (base, *base.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise FltoolError(f"{key}: cannot create the run directory: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FltoolError(f"{key}: cannot create the run directory: {existing}: Permission denied")
+
+
+def run_dir_base(cfg: Config) -> Path:
+    """output.run_dir itself, or output.dir/name, which holds the timestamped runs."""
+    return Path(cfg.output.run_dir) if cfg.output.run_dir else Path(cfg.output.dir) / cfg.name
+
+
+def missing_dirs(path: Path) -> list[Path]:
+    """`path` and its ancestors that do not exist yet, innermost first."""
+    return list(itertools.takewhile(lambda p: not p.exists(), (path, *path.parents)))
+
+
+def discard_run_dir(run_dir: Path, created: list[Path]) -> None:
+    """Undo `create_run_dir` for a run that never logged a round: remove the run (or,
+    where the user's output.run_dir existed empty, only what fltool put in it), then the
+    directories it created on the way, while empty (another run may have begun beside it)."""
+    if run_dir in created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:
+        for child in run_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    for parent in (p for p in created if p != run_dir):
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+
+
 def _create_run_dir(cfg: Config) -> Path:
     if cfg.output.run_dir:
+        check_run_dir_available(cfg)
         run_dir = Path(cfg.output.run_dir)
-        if run_dir.is_dir() and any(run_dir.iterdir()):
-            raise FltoolError(f"output.run_dir: {run_dir} already exists and is not empty; runs are never overwritten")
         run_dir.mkdir(parents=True, exist_ok=True)
     else:
         base = Path(cfg.output.dir) / cfg.name / time.strftime("%Y%m%d-%H%M%S")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,15 @@ from fltool.engine.atomic import atomic_write_text
 from fltool.engine.checkpoint import Checkpoint, load_checkpoint
 from fltool.engine.federated import RunSummary, train_federated
 from fltool.engine.resume import check_resumable, resume_config
-from fltool.engine.rundir import CONFIG_FILE, RunInterrupted, create_run_dir, last_checkpoint
+from fltool.engine.rundir import (
+    CONFIG_FILE,
+    RunInterrupted,
+    create_run_dir,
+    discard_run_dir,
+    last_checkpoint,
+    missing_dirs,
+    run_dir_base,
+)
 from fltool.engine.setup import check_model_fits
 from fltool.errors import FltoolError
 from fltool.ui import PlainReporter
@@ -53,7 +60,10 @@ def run(cfg: Config, run_dir: Path, reporter: PlainReporter, resume: Checkpoint 
 
 def start_run(cfg: Config, reporter: PlainReporter) -> RunSummary:
     check_model_fits(cfg)
+    created = missing_dirs(run_dir_base(cfg))
     run_dir = create_run_dir(cfg)
+    if not cfg.output.run_dir:  # a timestamped run directory is always new
+        created.insert(0, run_dir)
     try:
         return run(cfg, run_dir, reporter)
     except (Exception, KeyboardInterrupt):
@@ -61,7 +71,7 @@ def start_run(cfg: Config, reporter: PlainReporter) -> RunSummary:
         # set-up, Ctrl-C in round 1): leave no empty run behind, which would also block a
         # rerun with the same run_dir, and which nothing could resume.
         if not (run_dir / "metrics.jsonl").exists() and not last_checkpoint(run_dir).exists():
-            shutil.rmtree(run_dir, ignore_errors=True)
+            discard_run_dir(run_dir, created)
         raise
 
 

@@ -131,6 +131,48 @@ def test_bad_config_starts_no_worker(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    "flags,line",
+    [
+        (["--rdzv-endpoint", "garbage"], "launch: --rdzv-endpoint must be HOST:PORT with a port in 1..65535, got 'garbage'"),
+        (["--rdzv-endpoint", "host:99999"], "got 'host:99999'"),
+        (["--rdzv-endpoint", "host:-1"], "got 'host:-1'"),
+        (["--rdzv-endpoint", "::::"], "got '::::'"),
+        (["--rdzv-endpoint", " "], "got ' '"),
+        (["--nproc", "99999999999999999999999"], "launch: --nproc must be <= 1024 (processes on this node)"),
+    ],
+)
+def test_bad_launch_options_are_refused_even_in_a_dry_run(flags: list[str], line: str, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", {**ddp_config(), "output": {"dir": str(tmp_path / "runs")}})
+    done = run_cli("launch", *flags, "--dry-run", str(cfg), cwd=tmp_path)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1
+    assert line in done.stderr, done.stderr
+
+
+def test_a_dry_run_refuses_a_run_directory_the_launch_would_refuse(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", ddp_config())
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    (tmp_path / "afile").write_text("")
+    for override, line in [
+        (f"output.run_dir={tmp_path / 'full'}", f"output.run_dir: {tmp_path / 'full'} already exists and is not empty"),
+        (f"output.dir={tmp_path / 'afile'}", f"output.dir: cannot create the run directory: {tmp_path / 'afile'} is not a directory"),
+    ]:
+        done = run_cli("launch", "--nproc", "1", "--dry-run", str(cfg), override, cwd=tmp_path)
+        assert done.returncode == 2 and done.stderr.startswith(f"error: {line}") and len(done.stderr.splitlines()) == 1
+
+
+def test_an_unresolvable_rendezvous_host_fails_at_once(tmp_path):
+    """torchrun would retry the name for its whole join timeout, printing a warning a second."""
+    cfg = write_config(tmp_path / "c.yaml", ddp_config())
+    run_dir = tmp_path / "run"
+    done = run_cli("launch", "--nproc", "1", "--rdzv-endpoint", "no-such-host.invalid:29400", str(cfg),
+                   f"output.run_dir={run_dir}", cwd=tmp_path, timeout=60)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1
+    assert "launch: --rdzv-endpoint: cannot resolve host 'no-such-host.invalid'" in done.stderr
+    assert not run_dir.exists()
+
+
 def test_launch_resume_refuses_a_changed_experiment_before_starting_workers(tmp_path):
     run_dir = _single_process(tmp_path / "run", {**ddp_config(), "ddp": {**ddp_config()["ddp"], "epochs": 1}})
     before = (run_dir / "config.yaml").read_text()
