@@ -23,13 +23,13 @@ CASES = {
     "no clients": ("federated: {num_clients: 0}\n", [], ["federated.num_clients: must be >= 1, got 0"]),
     "negative lr": ("federated: {lr: -0.1}\n", [], ["federated.lr: must be a finite number > 0, got -0.1"]),
     "negative mu": ("mode: fedprox\nfederated: {mu: -1}\n", [], ["federated.mu: must be a finite number >= 0, got -1.0"]),
-    "rounds not a number": ("federated: {rounds: five}\n", [], ["federated.rounds: expected an integer, got 'five'"]),
+    "rounds not a number": ("federated: {rounds: five}\n", [], ["federated.rounds: expected an integer >= 1, got 'five'"]),
     "bool is not an int": ("federated: {rounds: true}\n", [], ["federated.rounds: expected an integer"]),
     "batch size zero": ("federated: {batch_size: 0}\n", [], ["federated.batch_size: must be >= 1, got 0"]),
     "target accuracy as percent": ("eval: {target_accuracy: 97}\n", [], ["eval.target_accuracy: must be in (0, 1]"]),
     "top level not a mapping": ("- fedavg\n- mnist\n", [], ["top level must be a mapping"]),
     "invalid yaml": ("federated: {rounds: 3\n", [], ["invalid YAML (line"]),
-    "bad override value": (None, ["federated.fraction=abc"], ["command line: federated.fraction: expected a number, got 'abc'"]),
+    "bad override value": (None, ["federated.fraction=abc"], ["command line: federated.fraction: expected a number in (0, 1], got 'abc'"]),
     "override without equals": (None, ["federated.rounds"], ["override 'federated.rounds' must look like key=value"]),
     "override unknown key": (None, ["federated.epochs=3"], ["command line: federated.epochs: unknown key"]),
     "shards exceed data": ("data: {partition: shards, shards_per_client: 1000}\n", [], ["data.shards_per_client:"]),
@@ -70,6 +70,110 @@ def test_bad_config_exits_2_with_one_line_per_problem(name: str, tmp_path: Path)
         assert any(fragment in line for line in lines), (fragment, lines)
     if text is not None and "override" not in name:
         assert any(str(path) in line for line in lines)
+
+
+DEEP = "a: " + "[" * 10_000 + "]" * 10_000 + "\n"
+HUGE = "1" + "0" * 400
+# (yaml text or None for GOOD, overrides, the exact stderr lines; {path} is the file)
+EXACT = {
+    "repeated section": (
+        "federated:\n  rounds: 3\nmode: fedavg\nfederated:\n  lr: 0.5\n",
+        [],
+        ["error: {path}: federated: duplicate key (line 4); each key may appear once"],
+    ),
+    "repeated nested key": (
+        "federated:\n  lr: 0.1\n  lr: 0.2\n",
+        [],
+        ["error: {path}: federated.lr: duplicate key (line 3); each key may appear once"],
+    ),
+    "repeated key in an override value": (
+        None,
+        ["data.synthetic={train_size: 5, train_size: 6}"],
+        ["error: command line: data.synthetic.train_size: duplicate key; each key may appear once"],
+    ),
+    "nested too deeply": (DEEP, [], ["error: {path}: invalid YAML: nested too deeply"]),
+    "override nested too deeply": (
+        None, ["federated.rounds=" + DEEP[3:].strip()], ["error: command line: federated.rounds: value nested too deeply"],
+    ),
+    "integer with too many digits": (
+        "seed: 1" + "0" * 5000 + "\n", [], ["error: {path}: invalid YAML (line 1, column 7): integer with more than 4300 digits"],
+    ),
+    "explicit tag that does not fit": (
+        "seed: !!int abc\n", [], ["error: {path}: invalid YAML (line 1, column 7): cannot read 'abc' as !!int"],
+    ),
+    "sexagesimal is not a number": (
+        None, ["federated.rounds=1:30"], ["error: command line: federated.rounds: expected an integer >= 1, got '1:30'"],
+    ),
+    "yes is not a boolean": (
+        "federated: {cuda_graphs: yes}\n", [], ["error: {path}: federated.cuda_graphs: expected true or false, got 'yes'"],
+    ),
+    "integer beyond float": (None, [f"federated.lr={HUGE}"], ["error: command line: federated.lr: must be a finite number > 0, got inf"]),
+    "negative integer beyond float": (
+        None, [f"federated.mu=-{HUGE}"], ["error: command line: federated.mu: must be a finite number >= 0, got -inf"],
+    ),
+    "integer beyond int64": (
+        None,
+        ["federated.batch_size=9223372036854775808", "ddp.grad_accum_steps=9223372036854775808"],
+        [
+            "error: command line: federated.batch_size: must be at most 2**63 - 1, got 9223372036854775808",
+            "error: command line: ddp.grad_accum_steps: must be at most 2**63 - 1, got 9223372036854775808",
+        ],
+    ),
+    "integer far beyond int64": (
+        None,
+        [f"federated.rounds={HUGE}"],
+        ["error: command line: federated.rounds: must be at most 2**63 - 1, got an integer of about 401 digits"],
+    ),
+    "list item beyond int64": (
+        None,
+        ["data.synthetic.shape=[1, 28, 9223372036854775808]"],
+        ["error: command line: data.synthetic.shape: list item: must be at most 2**63 - 1, got 9223372036854775808"],
+    ),
+    "synthetic set too large to allocate": (
+        None,
+        ["data.dataset=synthetic", "data.synthetic.train_size=3000000"],
+        [
+            "error: command line: data.synthetic.train_size: 3000000 x shape [1, 28, 28] = 2352000000 values, "
+            "more than the 2**31 (8 GiB of float32) a synthetic tensor may hold"
+        ],
+    ),
+    "NUL in the name": ('name: "a\\0b"\n', [], ["error: {path}: name: must not contain a NUL character, got 'a\\x00b'"]),
+    "NUL in paths": (
+        None,
+        ['data.root="\\0"', 'data.cache="\\0"', 'output.dir="\\0"', 'output.run_dir="\\0"'],
+        [
+            f"error: command line: {key}: must not contain a NUL character, got '\\x00'"
+            for key in ("data.root", "data.cache", "output.dir", "output.run_dir")
+        ],
+    ),
+    "bool for an optional integer": (
+        None,
+        ["federated.batch_size=true"],
+        ["error: command line: federated.batch_size: expected an integer >= 1 or null, got True"],
+    ),
+    "override key with a leading dot": (
+        None,
+        [".federated.rounds=1"],
+        ["error: command line: .federated.rounds: malformed key (an empty part between dots); write it like federated.rounds"],
+    ),
+    "override key with an empty part": (
+        None,
+        ["federated..rounds=1"],
+        ["error: command line: federated..rounds: malformed key (an empty part between dots); write it like federated.rounds"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(EXACT))
+def test_bad_input_exact_lines(name: str, tmp_path: Path):
+    text, overrides, expected = EXACT[name]
+    path = GOOD
+    if text is not None:
+        path = tmp_path / "bad.yaml"
+        path.write_text(text)
+    result = CliRunner().invoke(app, ["train", str(path), *overrides, "--print-config"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [line.format(path=path) for line in expected]
 
 
 def test_missing_config_file(tmp_path: Path):

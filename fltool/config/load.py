@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -16,11 +18,14 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from fltool.config.schema import Config
+from fltool.config.schema import Config, SyntheticConfig
+from fltool.config.yaml12 import DuplicateKeys, Yaml12Dumper, parse_yaml
 from fltool.errors import FltoolError
 
 MNIST_TRAIN_SIZE = 60_000  # MNIST and FashionMNIST alike
-
+INT_MAX = 2**63 - 1  # torch indexes and counts with int64; a larger count fails deep inside it
+# Values in one synthetic tensor (train set, test set, class prototypes): 8 GiB of float32.
+SYNTHETIC_MAX_VALUES = 2**31
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read `path` (or start from defaults when None), apply `key=value` overrides, validate."""
@@ -54,12 +59,18 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise FltoolError(f"{path}: not a UTF-8 text file") from None
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise FltoolError(f"{path}: invalid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise FltoolError(f"{path}: invalid YAML: nested too deeply") from None
+    except DuplicateKeys as exc:
+        raise FltoolError(
+            *(f"{path}: {key}: duplicate key (line {line}); each key may appear once" for key, line in exc.found)
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -73,10 +84,19 @@ def parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key:
         raise FltoolError(f"command line: override {item!r} must look like key=value, e.g. federated.rounds=5")
+    if "" in key.split("."):
+        raise FltoolError(
+            f"command line: {key}: malformed key (an empty part between dots); write it like federated.rounds"
+        )
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = parse_yaml(text, key) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    except RecursionError:
+        raise FltoolError(f"command line: {key}: value nested too deeply") from None
+    except DuplicateKeys as exc:
+        lines = (f"command line: {dotted}: duplicate key; each key may appear once" for dotted, _ in exc.found)
+        raise FltoolError(*lines) from None
     return key, value
 
 
@@ -100,7 +120,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    return yaml.dump(config_to_dict(cfg), Dumper=Yaml12Dumper, sort_keys=False)
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -148,30 +168,33 @@ def _build(cls: type, raw: Any, prefix: str, source: str, prov: dict[str, str], 
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, raw[name], dotted + ".", source, prov, errors)
             continue
-        value, problem = _coerce(raw[name], tp)
+        check = f.metadata.get("check")
+        value, problem = _coerce(raw[name], tp, check[1] if check else "")
         if problem:
             errors.append(f"{src}: {dotted}: {problem}")
             continue
-        check = f.metadata.get("check")
         if check and value is not None and not check[0](value):
             errors.append(f"{src}: {dotted}: must be {check[1]}, got {_show(value)}")
+            continue
+        if isinstance(value, int) and value > INT_MAX:  # after `check`: seed says its own range
+            errors.append(f"{src}: {dotted}: must be at most 2**63 - 1, got {_show(value)}")
             continue
         kwargs[name] = value
     return cls(**kwargs)
 
 
-def _coerce(value: Any, tp: Any) -> tuple[Any, str | None]:
-    """Return (value, None) when `value` fits type `tp`, else (None, problem text)."""
+def _coerce(value: Any, tp: Any, allowed: str = "") -> tuple[Any, str | None]:
+    """Return (value, None) when `value` fits type `tp`, else (None, problem text).
+    `allowed` (the field's check, e.g. ">= 1") completes the type's name in the text."""
     origin = get_origin(tp)
     args = get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None, None
         inner = [a for a in args if a is not type(None)]
-        value_, problem = _coerce(value, inner[0]) if len(inner) == 1 else (value, None)
-        if problem and type(None) in args:
-            problem += " or null"
-        return value_, problem
+        if len(inner) != 1:
+            return value, None
+        return _coerce(value, inner[0], f"{allowed} or null".strip() if type(None) in args else allowed)
     if origin is Literal:
         if value in args and type(value) is type(args[0]):
             return value, None
@@ -179,29 +202,50 @@ def _coerce(value: Any, tp: Any) -> tuple[Any, str | None]:
         return None, f"must be one of {allowed}; got {_show(value)}"
     if origin is list:
         if not isinstance(value, list):
-            return None, f"expected a list, got {_show(value)}"
+            return None, f"expected {_kind('a list', allowed)}, got {_show(value)}"
         out = []
         for item in value:
             item_, problem = _coerce(item, args[0])
             if problem:
                 return None, f"list item: {problem}"
+            if isinstance(item_, int) and item_ > INT_MAX:
+                return None, f"list item: must be at most 2**63 - 1, got {_show(item_)}"
             out.append(item_)
         return out, None
     if tp is bool:
-        return (value, None) if isinstance(value, bool) else (None, f"expected true or false, got {_show(value)}")
+        if isinstance(value, bool):
+            return value, None
+        return None, f"expected {_kind('true or false', allowed)}, got {_show(value)}"
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value, None
         if isinstance(value, float) and value.is_integer():
             return int(value), None
-        return None, f"expected an integer, got {_show(value)}"
+        return None, f"expected {_kind('an integer', allowed)}, got {_show(value)}"
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float):
+            return value, None
+        if isinstance(value, int) and not isinstance(value, bool):
+            # beyond float's range is +-inf, as the literal 1e400 is: the finite checks refuse it
+            if abs(value) > sys.float_info.max:
+                return (math.inf if value > 0 else -math.inf), None
             return float(value), None
-        return None, f"expected a number, got {_show(value)}"
+        return None, f"expected {_kind('a number', allowed)}, got {_show(value)}"
     if tp is str:
-        return (value, None) if isinstance(value, str) else (None, f"expected a string, got {_show(value)}")
+        if not isinstance(value, str):
+            return None, f"expected {_kind('a string', allowed)}, got {_show(value)}"
+        if "\0" in value:  # every string here becomes a path, and no OS accepts NUL in one
+            return None, f"must not contain a NUL character, got {_show(value)}"
+        return value, None
     return value, None
+
+
+def _kind(noun: str, allowed: str) -> str:
+    """'an integer' + '>= 1 or null' -> 'an integer >= 1 or null'; an `allowed` that is
+    itself a noun phrase ('a finite number > 0') replaces the noun."""
+    if allowed.startswith(("a ", "an ")):
+        return allowed
+    return f"{noun} {allowed}".rstrip()
 
 
 def _cross_checks(cfg: Config, source: Callable[[str], str], errors: list[str]) -> None:
@@ -211,6 +255,8 @@ def _cross_checks(cfg: Config, source: Callable[[str], str], errors: list[str]) 
         errors.append(f"{source('data.synthetic.shape')}: data.synthetic.shape: every dimension must be >= 1")
     if cfg.data.dataset == "synthetic" and len(shape) != 3:
         errors.append(f"{source('data.synthetic.shape')}: data.synthetic.shape: must be [channels, height, width]")
+    if cfg.data.dataset == "synthetic" and len(shape) == 3 and all(s >= 1 for s in shape):
+        _check_synthetic_size(cfg.data.synthetic, source, errors)
     if cfg.mode == "ddp":
         return
     size = cfg.data.synthetic.train_size if cfg.data.dataset == "synthetic" else MNIST_TRAIN_SIZE
@@ -226,9 +272,30 @@ def _cross_checks(cfg: Config, source: Callable[[str], str], errors: list[str]) 
         )
 
 
+def _check_synthetic_size(syn: SyntheticConfig, source: Callable[[str], str], errors: list[str]) -> None:
+    """The synthetic set is drawn in one piece per tensor; past a bound torch fails to
+    allocate it, or the machine swaps, long after validation."""
+    values = math.prod(syn.shape)
+    for key in ("train_size", "test_size", "num_classes"):  # num_classes: one prototype each
+        n = getattr(syn, key)
+        if n * values > SYNTHETIC_MAX_VALUES:
+            dotted = f"data.synthetic.{key}"
+            errors.append(
+                f"{source(dotted)}: {dotted}: {n} x shape {syn.shape} = {_show(n * values)} values, more than "
+                f"the 2**31 (8 GiB of float32) a synthetic tensor may hold"
+            )
+
+
 def _show(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        # repr of a huge int is a screenful, or an error past 4300 digits
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
     if isinstance(value, str):
         return repr(value)
     if value is None:
         return "null"
-    return f"{value!r} ({type(value).__name__})" if not isinstance(value, (int, float)) else repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # a list or mapping holding an int past 4300 digits
+        text = "..."
+    return f"{text} ({type(value).__name__})" if not isinstance(value, (int, float)) else text
