@@ -41,6 +41,7 @@ CASES = {
     "infinite lr": ("federated: {lr: .inf}\n", [], ["federated.lr: must be a finite number > 0, got inf"]),
     "infinite alpha": ("data: {partition: dirichlet, alpha: .inf}\n", [], ["data.alpha: must be a finite number > 0"]),
     "nan mu": ("federated: {mu: .nan}\n", [], ["federated.mu: must be a finite number >= 0, got nan"]),
+    "timeout beyond a year": (None, ["ddp.timeout_s=99999999999999"], ["ddp.timeout_s: must be in [1, 31536000] (a year)"]),
     "seed beyond torch's range": ("seed: 18446744073709551616\n", [], ["seed: must be in [0, 2**63)"]),
     "name with a path": ("name: ../../elsewhere\n", [], ["name: must be a non-empty name without '/'"]),
     "cross-check from the command line": (

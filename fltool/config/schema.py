@@ -85,7 +85,8 @@ class DDPConfig:
     amp: Literal["none", "bf16"] = "none"
     compile: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"
-    timeout_s: int = field(default=300, metadata=AT_LEAST_ONE)  # process-group timeout
+    # process-group timeout; at most a year: timedelta and torch's int milliseconds overflow not far above
+    timeout_s: int = field(default=300, metadata=_check(lambda v: 1 <= v <= 31_536_000, "in [1, 31536000] (a year)"))
 
 
 @dataclass
