@@ -37,7 +37,7 @@ def check_run_dir_available(cfg: Config) -> None:
         raise FltoolError(f"output.run_dir: {base} already exists and is not empty; runs are never overwritten")
     existing = next(p for p in (base, *base.parents) if p.exists() or p == p.parent)
     if not existing.is_dir():
-        raise FltoolError(f"{key}: cannot create the run directory: {existing} is not a directory")
+        raise FltoolError(f"{key}: cannot create the run directory: {existing}: Not a directory")  # as the OS says it
     if not os.access(existing, os.W_OK | os.X_OK):
         raise FltoolError(f"{key}: cannot create the run directory: {existing}: Permission denied")
 

@@ -156,7 +156,7 @@ def test_a_dry_run_refuses_a_run_directory_the_launch_would_refuse(tmp_path):
     (tmp_path / "afile").write_text("")
     for override, line in [
         (f"output.run_dir={tmp_path / 'full'}", f"output.run_dir: {tmp_path / 'full'} already exists and is not empty"),
-        (f"output.dir={tmp_path / 'afile'}", f"output.dir: cannot create the run directory: {tmp_path / 'afile'} is not a directory"),
+        (f"output.dir={tmp_path / 'afile'}", f"output.dir: cannot create the run directory: {tmp_path / 'afile'}: Not a directory"),
     ]:
         done = run_cli("launch", "--nproc", "1", "--dry-run", str(cfg), override, cwd=tmp_path)
         assert done.returncode == 2 and done.stderr.startswith(f"error: {line}") and len(done.stderr.splitlines()) == 1
