@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from fltool.config import Config, load_config
-from fltool.engine.checkpoint import Checkpoint
-from fltool.engine.rundir import CONFIG_FILE
+from fltool.config.load import read_yaml_mapping
+from fltool.engine.checkpoint import Checkpoint, check_weights_fit, not_a_file
+from fltool.engine.rundir import CONFIG_FILE, last_checkpoint
 from fltool.errors import FltoolError
 
 # dotted keys, or prefixes ending in "."
@@ -46,6 +47,11 @@ def resume_config(run_dir: Path, overrides: list[str]) -> Config:
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise FltoolError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+    if not read_yaml_mapping(path):  # load_config would take it for the defaults
+        raise FltoolError(f"{path}: is empty; a run's {CONFIG_FILE} holds the config it was trained with")
+    ckpt = last_checkpoint(run_dir)
+    if ckpt.exists() and not ckpt.is_file():
+        raise FltoolError(not_a_file(ckpt))
     cfg = load_config(path, overrides)
     problems = [
         f"command line: {key}: a resumed run goes on in {run_dir} (the run has {old!r}, got {new!r}); "
@@ -80,6 +86,11 @@ def check_resumable(ckpt: Checkpoint, cfg: Config, path: Path, world_size: int, 
             f"{path}: the run has trained {ckpt.round} {unit}, more than {key}={length}; "
             f"resume with {key} of at least {ckpt.round}"
         )
+    check_weights_fit(ckpt, path, cfg)
+    if cfg.mode == "ddp":
+        lacking = [k for k in ("optimizer", "scheduler") if not isinstance(ckpt.extra.get(k), dict)]
+        if lacking:
+            raise FltoolError(f"{path}: a DDP checkpoint needs the optimizer and scheduler state in 'extra'; it lacks {' and '.join(lacking)}")
     trained = ckpt.extra.get("world_size")
     if ckpt.config.mode == "ddp" and trained is not None and trained != world_size:
         raise FltoolError(
