@@ -55,14 +55,19 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_bad_config_exits_2_with_one_line_per_problem(name: str, tmp_path: Path):
-    text, overrides, fragments = CASES[name]
+def print_config(text: str | None, overrides: list[str], tmp_path: Path):
+    """`fltool train --print-config` of `text` (written to bad.yaml; None: a good file)."""
     path = GOOD
     if text is not None:
         path = tmp_path / "bad.yaml"
         path.write_text(text)
-    result = CliRunner().invoke(app, ["train", str(path), *overrides, "--print-config"])
+    return path, CliRunner().invoke(app, ["train", str(path), *overrides, "--print-config"])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_config_exits_2_with_one_line_per_problem(name: str, tmp_path: Path):
+    text, overrides, fragments = CASES[name]
+    path, result = print_config(text, overrides, tmp_path)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     lines = [line for line in result.stderr.splitlines() if line]
@@ -168,11 +173,7 @@ EXACT = {
 @pytest.mark.parametrize("name", list(EXACT))
 def test_bad_input_exact_lines(name: str, tmp_path: Path):
     text, overrides, expected = EXACT[name]
-    path = GOOD
-    if text is not None:
-        path = tmp_path / "bad.yaml"
-        path.write_text(text)
-    result = CliRunner().invoke(app, ["train", str(path), *overrides, "--print-config"])
+    path, result = print_config(text, overrides, tmp_path)
     assert result.exit_code == 2, result.output
     assert result.stderr.splitlines() == [line.format(path=path) for line in expected]
 

@@ -26,6 +26,17 @@ def only_run_dir(root: Path) -> Path:
     return run_dir
 
 
+def two_round_run(config, tmp_path: Path) -> Path:
+    """`fltool train` of `config` (written to tiny.yaml) for 2 rounds; its run directory."""
+    from fltool.config import dump_config
+
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(dump_config(config))
+    first = CliRunner().invoke(app, ["train", str(cfg_path), "federated.rounds=2"])
+    assert first.exit_code == 0, first.output
+    return only_run_dir(tmp_path / "runs")
+
+
 def test_fedavg_2nn_reaches_real_accuracy_on_mnist_and_eval_reproduces_it(mnist_root: Path, tmp_path: Path):
     # McMahan 2NN, IID, C=0.1, E=1, B=10, lr 0.1: observed 0.8312, 0.8969, 0.9110, 0.9149, 0.9270
     # test accuracy over rounds 1-5 (seed 0, CPU, torch 2.14.1).
@@ -77,14 +88,8 @@ def test_eval_rejects_corrupt_and_foreign_files(tmp_path: Path):
 
 
 def test_resume_from_the_command_line_continues_the_run(make_config, tmp_path: Path):
-    from fltool.config import dump_config
-
-    cfg_path = tmp_path / "tiny.yaml"
-    cfg_path.write_text(dump_config(make_config()))
+    run_dir = two_round_run(make_config(), tmp_path)
     runner = CliRunner()
-    first = runner.invoke(app, ["train", str(cfg_path), "federated.rounds=2"])
-    assert first.exit_code == 0, first.output
-    run_dir = only_run_dir(tmp_path / "runs")
     more = runner.invoke(app, ["train", "--resume", str(run_dir), "federated.rounds=4"])
     assert more.exit_code == 0, more.output
     assert [r["round"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
@@ -128,13 +133,8 @@ def test_ctrl_c_says_how_to_continue_or_that_there_is_nothing_to_resume(
 
 
 def test_resume_refuses_a_changed_experiment_and_leaves_the_run_as_it_was(make_config, tmp_path: Path):
-    from fltool.config import dump_config
-
-    cfg_path = tmp_path / "tiny.yaml"
-    cfg_path.write_text(dump_config(make_config()))
+    run_dir = two_round_run(make_config(), tmp_path)
     runner = CliRunner()
-    assert runner.invoke(app, ["train", str(cfg_path), "federated.rounds=2"]).exit_code == 0
-    run_dir = only_run_dir(tmp_path / "runs")
     before = (run_dir / "config.yaml").read_text()
     refused = runner.invoke(app, ["train", "--resume", str(run_dir), "model.name=cnn", "seed=7", "federated.rounds=4"])
     assert refused.exit_code == 2, refused.output
@@ -323,13 +323,8 @@ def test_help_and_a_bare_fltool_still_print_the_help(capsys):
 
 
 def test_print_config_with_resume_prints_the_resumed_config_and_trains_nothing(make_config, tmp_path: Path):
-    from fltool.config import dump_config
-
-    cfg_path = tmp_path / "tiny.yaml"
-    cfg_path.write_text(dump_config(make_config()))
+    run_dir = two_round_run(make_config(), tmp_path)
     runner = CliRunner()
-    assert runner.invoke(app, ["train", str(cfg_path), "federated.rounds=2"]).exit_code == 0
-    run_dir = only_run_dir(tmp_path / "runs")
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     shown = runner.invoke(app, ["train", "--resume", str(run_dir), "--print-config", "federated.rounds=3"])
     assert shown.exit_code == 0, shown.output
