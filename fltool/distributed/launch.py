@@ -74,7 +74,10 @@ def check_options(opts: LaunchOptions) -> None:
 def split_endpoint(endpoint: str) -> tuple[str, int] | None:
     """HOST:PORT (an IPv6 host in brackets) -> (host, port), or None if malformed."""
     host, sep, port = endpoint.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if host.startswith("["):  # only a bracketed host may hold colons
+        host = host[1:-1] if host.endswith("]") else ""
+    elif ":" in host or "]" in host:
+        host = ""
     if not sep or not host or any(c.isspace() for c in endpoint) or not port.isdigit() or not 0 < int(port) < 65536:
         return None
     return host, int(port)

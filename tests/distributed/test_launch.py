@@ -139,6 +139,8 @@ def test_bad_config_starts_no_worker(tmp_path):
         (["--rdzv-endpoint", "host:-1"], "got 'host:-1'"),
         (["--rdzv-endpoint", "::::"], "got '::::'"),
         (["--rdzv-endpoint", " "], "got ' '"),
+        (["--rdzv-endpoint", "h:1:2"], "got 'h:1:2'"),
+        (["--rdzv-endpoint", "[::1"], "got '[::1'"),
         (["--nproc", "99999999999999999999999"], "launch: --nproc must be <= 1024 (processes on this node)"),
     ],
 )
