@@ -74,7 +74,7 @@ def _create_run_dir(cfg: Config) -> Path:
         run_dir = Path(cfg.output.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
     else:
-        base = Path(cfg.output.dir) / cfg.name / time.strftime("%Y%m%d-%H%M%S")
+        base = run_dir_base(cfg) / time.strftime("%Y%m%d-%H%M%S")
         run_dir = base
         for i in range(1, 1000):
             try:
