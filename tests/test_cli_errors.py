@@ -162,6 +162,15 @@ EXACT = {
         [".federated.rounds=1"],
         ["error: command line: .federated.rounds: malformed key (an empty part between dots); write it like federated.rounds"],
     ),
+    "a dotted override into a scalar an earlier override set": (
+        None,
+        ["federated=3", "federated.rounds=5"],
+        [
+            "error: command line: federated.rounds: federated was set to 3 by an earlier override, "
+            "so federated.rounds cannot be set in it",
+            "error: command line: federated: expected a mapping, got 3",
+        ],
+    ),
     "override key with an empty part": (
         None,
         ["federated..rounds=1"],

@@ -39,10 +39,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     for item in overrides or []:
         try:
             key, value = parse_override(item)
+            _set_dotted(raw, key, value, provenance)
         except FltoolError as exc:
             cli_errors.extend(exc.lines)
             continue
-        _set_dotted(raw, key, value)
         provenance[key] = "command line"
     return config_from_dict(raw, source, provenance, cli_errors)
 
@@ -123,14 +123,23 @@ def dump_config(cfg: Config) -> str:
     return yaml.dump(config_to_dict(cfg), Dumper=Yaml12Dumper, sort_keys=False)
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, overridden: dict[str, str]) -> None:
+    """Set `a.b.c` in nested mappings, creating the missing ones. A non-mapping on the
+    way that an earlier override set (`federated=3 federated.rounds=5`) is an error:
+    replacing it would silently drop that override, which had already dropped the
+    file's whole section. One from the file is replaced; validation names the key."""
     parts = key.split(".")
     node = raw
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
         child = node.get(part)
+        prefix = ".".join(parts[: i + 1])
         if not isinstance(child, dict):
-            child = {}
-            node[part] = child
+            if child is not None and prefix in overridden:
+                raise FltoolError(
+                    f"command line: {key}: {prefix} was set to {child!r} by an earlier override, "
+                    f"so {key} cannot be set in it"
+                )
+            child = node[part] = {}
         node = child
     node[parts[-1]] = value
 
