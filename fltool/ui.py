@@ -100,5 +100,5 @@ def print_eval(report: dict[str, Any]) -> None:
     console.print(f"accuracy {report['accuracy']:.4f}  loss {report['loss']:.4f}")
     table = Table("class", "accuracy")
     for c, acc in enumerate(report["per_class_accuracy"]):
-        table.add_row(str(c), f"{acc:.4f}")
+        table.add_row(str(c), "- (no test examples)" if acc is None else f"{acc:.4f}")
     console.print(table)

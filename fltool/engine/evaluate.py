@@ -15,7 +15,7 @@ from fltool.data import TensorSplit
 class EvalResult:
     loss: float
     accuracy: float
-    per_class: list[float]
+    per_class: list[float | None]  # None for a class without test examples: nothing to measure
     examples: int
 
 
@@ -37,12 +37,12 @@ def evaluate(model: nn.Module, split: TensorSplit, batch_size: int, num_classes:
         # wait for the device to size their output, once per batch
         correct.index_add_(0, y, hits.long())
     model.train(was_training)
-    counts = torch.zeros_like(correct).index_add_(0, split.y, torch.ones_like(split.y)).clamp_min(1)
+    counts = torch.zeros_like(correct).index_add_(0, split.y, torch.ones_like(split.y))
     correct_cpu, counts_cpu = correct.cpu(), counts.cpu()
     n = len(split)
     return EvalResult(
         loss=loss_sum.item() / n,
         accuracy=correct_cpu.sum().item() / n,
-        per_class=(correct_cpu.double() / counts_cpu.double()).tolist(),
+        per_class=[c / k if k else None for c, k in zip(correct_cpu.tolist(), counts_cpu.tolist())],
         examples=n,
     )

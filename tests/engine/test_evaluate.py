@@ -15,7 +15,7 @@ def test_loss_accuracy_and_per_class_accuracy_match_a_direct_computation() -> No
     g = torch.Generator().manual_seed(0)
     x = torch.randn(103, 5, generator=g)
     y = torch.randint(0, 4, (103,), generator=g)
-    y[y == 3] = 2  # class 3 absent from the test set: its accuracy is 0, not a division by zero
+    y[y == 3] = 2  # class 3 absent from the test set: no accuracy (None), not 0 or a division by zero
     model = nn.Linear(5, 4)
     model.train()
     result = evaluate(model, TensorSplit(x, y), batch_size=10, num_classes=4)  # a partial last batch
@@ -27,7 +27,7 @@ def test_loss_accuracy_and_per_class_accuracy_match_a_direct_computation() -> No
     assert result.accuracy == (pred == y).sum().item() / 103
     for c in range(3):
         assert result.per_class[c] == pytest.approx(((pred == y) & (y == c)).sum().item() / (y == c).sum().item())
-    assert result.per_class[3] == 0.0
+    assert result.per_class[3] is None
     assert model.training  # left in the mode it was in
 
 
@@ -52,3 +52,13 @@ def test_a_row_with_an_infinite_logit_is_not_a_hit_even_where_argmax_is_right() 
     y = torch.tensor([0, 0])
     result = evaluate(nn.Identity(), TensorSplit(x, y), batch_size=2, num_classes=3)
     assert result.accuracy == 0.5
+
+
+def test_eval_prints_a_class_without_test_examples_as_unmeasured(capsys) -> None:
+    from fltool.ui import print_eval
+
+    report = {"checkpoint": "c.pt", "mode": "fedavg", "model": "mlp", "dataset": "synthetic", "round": 2,
+              "examples": 3, "accuracy": 0.5, "loss": 0.7, "per_class_accuracy": [0.5, None]}
+    print_eval(report)
+    out = capsys.readouterr().out
+    assert "0.5000" in out and "- (no test examples)" in out
