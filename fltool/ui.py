@@ -15,8 +15,9 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
 
 
 def _span(unit: str, first: int, total: int) -> str:
-    """What this process will train: e.g. "rounds 6..20" (a resume of a finished run has none)."""
-    return f"{unit}s {first}..{total}" if first <= total else f"all {total} {unit}s already trained"
+    """What this process will train: e.g. "rounds 6..20" (a resume of a run that is
+    finished, or met its target accuracy, has none)."""
+    return f"{unit}s {first}..{total}" if first <= total else "nothing left to train"
 
 
 class PlainReporter:

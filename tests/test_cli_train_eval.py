@@ -97,7 +97,7 @@ def test_resume_from_the_command_line_continues_the_run(make_config, tmp_path: P
     assert "(rounds 3..4)" in more.stdout
     done = runner.invoke(app, ["train", "--resume", str(run_dir)])  # finished: nothing to train
     assert done.exit_code == 0, done.output
-    assert "(all 4 rounds already trained)" in done.stdout
+    assert "(nothing left to train)" in done.stdout
     assert [r["round"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
     missing = runner.invoke(app, ["train", "--resume", str(tmp_path)])
     assert missing.exit_code == 2 and "not a run directory" in missing.stderr

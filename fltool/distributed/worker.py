@@ -20,7 +20,7 @@ from fltool.distributed.comm import TorchComm
 from fltool.engine.checkpoint import Checkpoint, load_checkpoint
 from fltool.engine.federated import RunSummary, train_federated
 from fltool.engine.rundir import CONFIG_FILE, last_checkpoint
-from fltool.engine.runner import summary_dict
+from fltool.engine.runner import summary_dict, what_to_train
 from fltool.errors import FltoolError
 from fltool.ui import PlainReporter
 
@@ -45,11 +45,9 @@ def run_worker(run_dir: Path) -> RunSummary:
             if comm.local_rank == 0:
                 load_dataset(cfg.data, cfg.seed)
             comm.barrier()
-        unit = "epoch" if cfg.mode == "ddp" else "round"
-        total = cfg.ddp.epochs if cfg.mode == "ddp" else cfg.federated.rounds
+        unit, first, total = what_to_train(cfg, resume)
         reporter = PlainReporter(unit)  # workers' stdout goes to log files: no rich
         if comm.is_main:
-            first = resume.round + 1 if resume else 1
             reporter.start(f"{cfg.name} (rank 0 of {comm.world_size})", str(run_dir), first, total)
         on_row = reporter.update if comm.is_main else None
         if cfg.mode == "ddp":

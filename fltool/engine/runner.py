@@ -8,7 +8,7 @@ from typing import Any
 from fltool.config import Config, dump_config
 from fltool.engine.atomic import atomic_write_text
 from fltool.engine.checkpoint import Checkpoint, load_checkpoint
-from fltool.engine.federated import RunSummary, train_federated
+from fltool.engine.federated import RunSummary, target_reached_at, train_federated
 from fltool.engine.resume import check_resumable, resume_config
 from fltool.engine.rundir import (
     CONFIG_FILE,
@@ -38,17 +38,26 @@ def summary_dict(summary: RunSummary, unit: str = "round") -> dict[str, Any]:
     }
 
 
-def run(cfg: Config, run_dir: Path, reporter: PlainReporter, resume: Checkpoint | None = None) -> RunSummary:
+def what_to_train(cfg: Config, resume: Checkpoint | None) -> tuple[str, int, int]:
+    """(unit, first, total): this process trains rounds (epochs) first..total, none if
+    first > total. As the trainers decide, a run that met its target trains no further."""
+    unit, total = ("epoch", cfg.ddp.epochs) if cfg.mode == "ddp" else ("round", cfg.federated.rounds)
     first = resume.round + 1 if resume else 1
+    if resume and target_reached_at(resume.metrics, unit, cfg.eval.target_accuracy) is not None:
+        first = total + 1
+    return unit, first, total
+
+
+def run(cfg: Config, run_dir: Path, reporter: PlainReporter, resume: Checkpoint | None = None) -> RunSummary:
+    unit, first, total = what_to_train(cfg, resume)
+    reporter.unit = unit
     try:
+        reporter.start(cfg.name, str(run_dir), first, total)
         if cfg.mode == "ddp":
             from fltool.distributed.trainer import train_ddp
 
-            reporter.unit = "epoch"
-            reporter.start(cfg.name, str(run_dir), first, cfg.ddp.epochs)
             summary = train_ddp(cfg, run_dir, reporter.update, resume)
         else:
-            reporter.start(cfg.name, str(run_dir), first, cfg.federated.rounds)
             summary = train_federated(cfg, run_dir, reporter.update, resume)
     except KeyboardInterrupt:
         raise RunInterrupted(run_dir) from None

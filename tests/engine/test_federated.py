@@ -116,7 +116,7 @@ def test_interrupt_at_a_checkpoint_write_leaves_metrics_not_ahead_of_it(make_con
     assert strip_timing(read_metrics(full)) == strip_timing(read_metrics(broken))
 
 
-def test_target_accuracy_stops_and_reports_the_round(make_config):
+def test_target_accuracy_stops_and_reports_the_round(make_config, capsys):
     cfg = make_config(federated={"rounds": 30}, eval={"target_accuracy": 0.5})
     run_dir = create_run_dir(cfg)
     summary = train_federated(cfg, run_dir)
@@ -126,7 +126,9 @@ def test_target_accuracy_stops_and_reports_the_round(make_config):
     assert all(r["test_accuracy"] < 0.5 for r in rows[:-1])
     assert load_checkpoint(last_checkpoint(run_dir)).round == summary.target_round
     # resumed, a run that stopped at its target trains no further and still reports it
+    capsys.readouterr()
     again = resume_run(run_dir, [], PlainReporter("round"))
+    assert "(nothing left to train)" in capsys.readouterr().out  # it said "rounds 4..30"
     assert again.target_round == summary.target_round and again.rounds_completed == summary.target_round
     assert read_metrics(run_dir) == rows
     # a higher target on resume trains on, and reports the round that met the new one
