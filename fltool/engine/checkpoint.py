@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 import re
 import reprlib
+import struct
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -197,6 +198,7 @@ _LOAD_ERRORS = (
     ValueError,  # UnicodeDecodeError in a corrupt string, "Unknown endianness type", ...
     KeyError,  # a memo reference to nothing (a text file: KeyError: 101)
     IndexError,  # "pop from empty list"
+    struct.error,  # a truncated BINFLOAT: "unpack requires a buffer of 8 bytes"
     AssertionError,  # "storage key ... not found in deserialized_objects"
     TypeError,  # "unhashable type: 'dict'"
     AttributeError,  # "'str' object has no attribute 'dtype'"
