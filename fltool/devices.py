@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
 
@@ -19,6 +20,16 @@ def host_to_device(t: Tensor, device: torch.device) -> Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def autocast_for(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device` for amp "bf16", else nothing.
+
+    No cast cache: a client's weights change every step, and a CUDA graph must not
+    capture a cached cast from its warm-up."""
+    if amp == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+    return contextlib.nullcontext()
 
 
 # glibc mallopt parameters (malloc.h)

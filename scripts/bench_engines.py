@@ -18,6 +18,10 @@ VmHWM is reset by writing 5 to /proc/self/clear_refs before each engine. Where t
 reset is not possible it falls back to the growth of getrusage's ru_maxrss, which
 shows 0 for an engine that stays below an earlier peak.
 
+`ENGINE:bf16` (e.g. `vectorized:bf16`) runs an engine, or the textbook loop, with its
+forward passes under bf16 autocast (`federated.amp: bf16`); its ratio is still against
+the fp32 textbook loop, the reference.
+
 `--variant` switches the hand-batched step to another kernel arrangement for an A/B run
 (the same math; see VARIANTS). `--profile N` profiles one more round of each engine and
 prints its N most expensive ops (device time on CUDA, kernels inside CUDA graphs
@@ -25,6 +29,7 @@ included; CPU time otherwise).
 
     PYTHONPATH=. python scripts/bench_engines.py --workload 2nn --rounds 3 --device cpu
     PYTHONPATH=. python scripts/bench_engines.py --workload cnn --engines vectorized --profile 15
+    PYTHONPATH=. python scripts/bench_engines.py --workload cnn --engines textbook textbook:bf16 vectorized vectorized:bf16
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from fltool.algorithms import LocalRule, server_update
 from fltool.algorithms.sampling import generator_for, sample_clients
 from fltool.config.schema import DataConfig, SyntheticConfig
 from fltool.data import load_dataset
-from fltool.devices import keep_freed_host_memory
+from fltool.devices import autocast_for, keep_freed_host_memory
 from fltool.engine import batched_nets
 from fltool.engine.batched_nets import make_batched_apply, supports
 from fltool.engine.cohort import ClientData, make_engine
@@ -77,6 +82,8 @@ WORKLOADS = {
     "cifar": Workload("cnn_cifar", 1000, 50, (3, 32, 32), 0.05, 1, 10),  # pfl-research CIFAR-10
 }
 
+
+ENGINES = ["textbook", "sequential", "vectorized", "grad-only", "flop-bound"]
 
 VARIANTS = {
     "batched-linear": "every dense layer as BatchedLinear, on every device (default: CPU, >= 1M weights a client)",
@@ -107,8 +114,9 @@ def make_clients(w: Workload, data: str, device: torch.device) -> list[ClientDat
     return [ClientData(i, x[i * k : (i + 1) * k], y[i * k : (i + 1) * k]) for i in range(w.num_clients)]
 
 
-def textbook_round(w: Workload, global_model: torch.nn.Module, clients: list[ClientData]) -> None:
-    """FedAvg as the seed article writes it: a fresh model, optimizer and DataLoader per client."""
+def textbook_round(w: Workload, global_model: torch.nn.Module, clients: list[ClientData], amp: str = "none") -> None:
+    """FedAvg as the seed article writes it: a fresh model, optimizer and DataLoader per
+    client (amp "bf16": its forward under bf16 autocast, as PyTorch's AMP recipe does)."""
     global_state = global_model.state_dict()
     states, sizes = [], []
     for client in clients:
@@ -120,7 +128,9 @@ def textbook_round(w: Workload, global_model: torch.nn.Module, clients: list[Cli
         for _ in range(w.epochs):
             for xb, yb in loader:
                 opt.zero_grad()
-                F.cross_entropy(model(xb), yb).backward()
+                with autocast_for(amp, xb.device):
+                    loss = F.cross_entropy(model(xb), yb)
+                loss.backward()
                 opt.step()
         states.append(model.state_dict())
         sizes.append(client.n)
@@ -283,7 +293,7 @@ def bench(name: str, w: Workload, args: argparse.Namespace, device: torch.device
         f"\n== {name}: {w.model}, {w.num_clients} clients x {w.per_client}, cohort {len(cohorts[1])}, "
         f"E={w.epochs}, B={w.batch_size}, {steps_per_round:.0f} client-steps/round, {args.rounds} rounds, {device}"
     )
-    print(f"{'engine':<12} {'client-steps/s':>15} {'s/round':>10} {'peak MiB':>10} {'x textbook':>11}")
+    print(f"{'engine':<15} {'client-steps/s':>15} {'s/round':>10} {'peak MiB':>10} {'x textbook':>11}")
     ref = None
     for engine_name in args.engines:
         torch.manual_seed(0)
@@ -299,16 +309,17 @@ def bench(name: str, w: Workload, args: argparse.Namespace, device: torch.device
                 detail = f"matmul/conv FLOPs at the fp32 matmul peak: {flops}"
             rate = 1 / per_step
             ratio = f"{rate / ref:.2f}" if ref else "-"
-            print(f"{engine_name:<12} {rate:>15,.0f} {per_step * steps_per_round:>10.3f} {'-':>10} {ratio:>11}"
+            print(f"{engine_name:<15} {rate:>15,.0f} {per_step * steps_per_round:>10.3f} {'-':>10} {ratio:>11}"
                   f"   ({detail})", flush=True)
             continue
-        if engine_name == "textbook":
+        base, _, amp = engine_name.partition(":")
+        if base == "textbook":
 
             def run_round(r: int) -> None:
-                textbook_round(w, model, cohorts[r])
+                textbook_round(w, model, cohorts[r], amp or "none")
 
         else:
-            engine = make_engine(engine_name, model, 0, args.max_parallel_clients, args.cuda_graphs)
+            engine = make_engine(base, model, 0, args.max_parallel_clients, args.cuda_graphs, amp or "none")
 
             def run_round(r: int) -> None:
                 engine_round(engine, w, model, cohorts[r], r)
@@ -317,7 +328,7 @@ def bench(name: str, w: Workload, args: argparse.Namespace, device: torch.device
         rate = steps_per_round / seconds
         ref = rate if engine_name == "textbook" else ref
         ratio = f"{rate / ref:.2f}" if ref else "-"
-        print(f"{engine_name:<12} {rate:>15,.0f} {seconds:>10.3f} {mib:>10.0f} {ratio:>11}", flush=True)
+        print(f"{engine_name:<15} {rate:>15,.0f} {seconds:>10.3f} {mib:>10.0f} {ratio:>11}", flush=True)
         if args.profile:
             print(f"-- {engine_name}: one round profiled, top {args.profile} ops")
             profile_round(run_round, args.rounds + 1, device, args.profile)
@@ -330,10 +341,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per engine (after 1 warm-up round)")
     parser.add_argument("--data", choices=["synthetic", "mnist"], default="synthetic")
     parser.add_argument(
-        "--engines", nargs="+", choices=["textbook", "sequential", "vectorized", "grad-only", "flop-bound"],
+        "--engines", nargs="+", choices=[*ENGINES, *(f"{e}:bf16" for e in ENGINES[:3])],
         default=["textbook", "sequential", "vectorized"],
         help="grad-only: the forward and backward kernels alone, a bound for every engine; "
-        "flop-bound: the matmul/conv FLOPs at the device's fp32 matmul peak, a bound for any fp32 engine",
+        "flop-bound: the matmul/conv FLOPs at the device's fp32 matmul peak, a bound for any fp32 engine; "
+        "ENGINE:bf16: with its forward passes under bf16 autocast (ratios stay against the fp32 textbook loop)",
     )
     parser.add_argument("--max-parallel-clients", type=int, default=None, help="vectorized chunk size")
     parser.add_argument(

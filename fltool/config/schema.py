@@ -69,6 +69,8 @@ class FederatedConfig:
     max_parallel_clients: int | None = field(default=None, metadata=AT_LEAST_ONE)
     # vectorized engine on CUDA: capture each chunk shape's local step once, replay it per step
     cuda_graphs: bool = True
+    # clients' forward passes under bf16 autocast; weights, gradients, updates and evaluation stay fp32
+    amp: Literal["none", "bf16"] = "none"
 
 
 @dataclass

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fltool.algorithms import derive_seed
 from fltool.config import Config
 from fltool.data import load_dataset
-from fltool.devices import keep_freed_host_memory
+from fltool.devices import autocast_for, keep_freed_host_memory
 from fltool.distributed.comm import broadcast_from_main
 from fltool.distributed.faults import maybe_inject_fault
 from fltool.distributed.optim import make_optimizer, make_scheduler, resume_schedule, schedule_rule
@@ -57,10 +57,6 @@ def wrap_model(model: nn.Module, device: torch.device, compile_model: bool) -> n
         return inner
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(inner, device_ids=ids)
-
-
-def make_autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
 
 
 def train_steps(
@@ -128,7 +124,7 @@ def train_ddp(
             start = dcfg.epochs + 1  # it stopped at its target: nothing left to train
 
     model = wrap_model(raw, device, dcfg.compile)
-    autocast = make_autocast(dcfg.amp, device)
+    autocast = autocast_for(dcfg.amp, device)
     x_train, y_train = dataset.train.x, dataset.train.y
     elapsed0 = log.rows[-1]["elapsed_s"] if log.rows else 0.0
     t0 = time.perf_counter()

@@ -96,9 +96,15 @@ def uses_batched_linear(x: Tensor, w: Tensor) -> bool:
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    if uses_batched_linear(x, w):
-        return BatchedLinear.apply(x, w, b)
-    return autograd_linear(x, w, b)
+    if not uses_batched_linear(x, w):
+        return autograd_linear(x, w, b)
+    if torch.is_autocast_enabled(x.device.type):
+        # bf16 autocast leaves these layers in fp32: at a client's batch of 10 they are
+        # bound by moving the weights (6.4 MB a client for the CNN's 3136x512), and a
+        # bf16 copy of them and of their gradient only adds passes over that memory
+        with torch.autocast(x.device.type, enabled=False):
+            return BatchedLinear.apply(x.float(), w, b)
+    return BatchedLinear.apply(x, w, b)
 
 
 def conv_layout(device: torch.device) -> torch.memory_format:
@@ -118,7 +124,9 @@ def _dropout(h: Tensor, p: float, training: bool) -> Tensor:
     F.dropout's one fused kernel, as tested under graph capture."""
     if h.device.type != "cpu" or not training or not 0 < p < 1:
         return F.dropout(h, p, training)
-    keep = torch.rand_like(h).ge_(p).mul_(1 / (1 - p))
+    # fp32 uniforms and scale under bf16 autocast too: bf16 uniforms lie on a grid of
+    # 1/256, which would keep a little more or less than 1 - p
+    keep = torch.rand_like(h, dtype=torch.float32).ge_(p).mul_(1 / (1 - p))
     return h * keep
 
 

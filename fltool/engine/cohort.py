@@ -17,7 +17,7 @@ from torch.func import functional_call
 from fltool.algorithms import LocalRule, WeightedSum, batch_schedule, client_update, derive_seed
 from fltool.algorithms.local import ApplyFn, epoch_orders
 from fltool.algorithms.sampling import generator_for
-from fltool.devices import host_to_device
+from fltool.devices import autocast_for, host_to_device
 
 if TYPE_CHECKING:
     from fltool.engine.vectorized import VectorizedEngine
@@ -54,14 +54,31 @@ def client_dropout_seed(seed: int, round_: int, client_id: int) -> int:
     return derive_seed(seed, "dropout", round_, client_id)
 
 
-def make_apply_fn(model: nn.Module) -> ApplyFn:
+def make_apply_fn(model: nn.Module, amp: str = "none") -> ApplyFn:
     names = [name for name, _ in model.named_parameters()]
     buffers = dict(model.named_buffers())
 
     def apply_fn(params: Sequence[Tensor], x: Tensor) -> Tensor:
         return functional_call(model, {**dict(zip(names, params)), **buffers}, (x,))
 
-    return apply_fn
+    return with_amp(apply_fn, amp)
+
+
+def with_amp(apply: ApplyFn, amp: str) -> ApplyFn:
+    """`apply` with its forward pass under bf16 autocast for amp "bf16" (else `apply`).
+
+    The logits come back in fp32, so the loss and everything after it (gradients of the
+    fp32 weights, FedProx's term, the SGD update, the average) stay fp32: mixed precision,
+    not a bf16 model."""
+    if amp == "none":
+        return apply
+
+    def apply_amp(params: Sequence[Tensor], x: Tensor) -> Tensor:
+        with autocast_for(amp, x.device):
+            out = apply(params, x)
+        return out.float()
+
+    return apply_amp
 
 
 class SequentialEngine:
@@ -69,10 +86,10 @@ class SequentialEngine:
 
     name = "sequential"
 
-    def __init__(self, model: nn.Module, seed: int) -> None:
+    def __init__(self, model: nn.Module, seed: int, amp: str = "none") -> None:
         self.model = model
         self.seed = seed
-        self.apply_fn = make_apply_fn(model)
+        self.apply_fn = make_apply_fn(model, amp)
 
     def train_cohort(
         self, global_params: Sequence[Tensor], clients: Sequence[ClientData], rule: LocalRule, round_: int
@@ -98,17 +115,23 @@ def batches_on(batches: list[Tensor], device: torch.device) -> list[Tensor]:
 
 
 def make_engine(
-    name: str, model: nn.Module, seed: int, max_parallel_clients: int | None = None, cuda_graphs: bool = True
+    name: str,
+    model: nn.Module,
+    seed: int,
+    max_parallel_clients: int | None = None,
+    cuda_graphs: bool = True,
+    amp: str = "none",
 ) -> SequentialEngine | VectorizedEngine:
     """`sequential`, `vectorized`, or `auto`: vectorized unless the model keeps BatchNorm
-    running statistics (which one stacked forward pass cannot update per client)."""
+    running statistics (which one stacked forward pass cannot update per client).
+    `amp` "bf16" runs the clients' forward passes under bf16 autocast."""
     from fltool.engine.setup import has_running_stats
     from fltool.engine.vectorized import VectorizedEngine  # imports this module
 
     if name == "auto":
         name = "sequential" if has_running_stats(model) else "vectorized"
     if name == "vectorized":
-        return VectorizedEngine(model, seed, max_parallel_clients, cuda_graphs=cuda_graphs)
+        return VectorizedEngine(model, seed, max_parallel_clients, cuda_graphs=cuda_graphs, amp=amp)
     if name == "sequential":
-        return SequentialEngine(model, seed)
+        return SequentialEngine(model, seed, amp)
     raise ValueError(f"unknown engine {name!r}")

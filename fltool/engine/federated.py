@@ -87,7 +87,7 @@ def train_federated(
     dataset, clients = build_clients(cfg, device)
     model = seeded_model(cfg, dataset, device)
     fed = cfg.federated
-    engine = make_engine(fed.engine, model, cfg.seed, fed.max_parallel_clients, fed.cuda_graphs)
+    engine = make_engine(fed.engine, model, cfg.seed, fed.max_parallel_clients, fed.cuda_graphs, fed.amp)
     rule = rule_for(cfg.mode, cfg.federated)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 

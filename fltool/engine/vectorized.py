@@ -47,7 +47,7 @@ from fltool.devices import host_to_device
 from fltool.engine.batched_nets import make_batched_apply, supports
 from fltool.engine.batched_step import BatchedCrossEntropy, ChunkPlan, match_layout, plan_chunk, step_grads, step_update
 from fltool.engine.chunking import auto_chunk_size
-from fltool.engine.cohort import ClientData, CohortResult, make_apply_fn
+from fltool.engine.cohort import ClientData, CohortResult, make_apply_fn, with_amp
 from fltool.engine.setup import has_running_stats
 from fltool.engine.step_graph import StepGraphCache
 from fltool.errors import FltoolError
@@ -74,6 +74,7 @@ class VectorizedEngine:
         hand_batched: bool = True,
         memory_budget: int | None = None,
         cuda_graphs: bool = True,
+        amp: str = "none",
     ) -> None:
         if has_running_stats(model):
             raise FltoolError(
@@ -86,9 +87,10 @@ class VectorizedEngine:
         self.memory_budget = memory_budget  # bytes per chunk when sizing automatically; None: per device
         self._chunk_sizes: dict[tuple[int, ...], int] = {}
         self.oom_cap: int | None = None  # set when a chunk ran out of device memory
-        self.apply_fn = make_apply_fn(model)
+        self.apply_fn = make_apply_fn(model, amp)
         # plain conv/MLP stacks get the hand-batched forward (see batched_nets); others vmap
-        self.batched_apply = make_batched_apply(model) if hand_batched and supports(model) else None
+        hand = hand_batched and supports(model)
+        self.batched_apply = with_amp(make_batched_apply(model), amp) if hand else None
         self.batched_cross_entropy = self.cross_entropy()
         # on CUDA, each chunk shape's step is captured once and replayed (see step_graph);
         # only the hand-batched step, the one tested under capture on a GPU

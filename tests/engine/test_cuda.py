@@ -21,6 +21,7 @@ from fltool.engine.vectorized import VectorizedEngine
 from fltool.models import build_model
 from fltool.ui import PlainReporter
 
+from .test_amp import relative_update_error
 from .test_federated import interrupted_run, run, strip_timing
 from .test_vectorized import RULES, SIZES, assert_same, global_params, make_clients
 
@@ -93,6 +94,22 @@ def test_bench_variants_graphed_match_sequential(variant: str, model_name: str, 
     vec = engine.train_cohort(params, clients, RULES["fedprox"], 2)
     assert len(engine.graphs.graphs) == 1
     assert_same(vec.weighted.average(), seq.weighted.average(), atol=1e-5)
+
+
+@pytest.mark.parametrize("model_name,shape", MODELS)
+def test_graphed_bf16_step_matches_eager_and_sequential(model_name: str, shape: tuple[int, ...]) -> None:
+    """federated.amp=bf16 under capture: autocast's casts are graphed with the step (no
+    cast cache), so replays equal the eager bf16 steps and track the sequential engine."""
+    model = cuda_model(model_name, shape)
+    clients, params = on_cuda(make_clients(shape)), global_params(model)
+    rule = RULES["fedprox"]
+    seq = SequentialEngine(model, seed=3, amp="bf16").train_cohort(params, clients, rule, 2)
+    eager = VectorizedEngine(model, seed=3, cuda_graphs=False, amp="bf16").train_cohort(params, clients, rule, 2)
+    engine = VectorizedEngine(model, seed=3, amp="bf16")
+    graphed = engine.train_cohort(params, clients, rule, 2)
+    assert len(engine.graphs.graphs) == 1
+    assert_same(graphed.weighted.average(), eager.weighted.average(), atol=1e-6)
+    assert relative_update_error(graphed.weighted.average(), seq.weighted.average(), params) < 1e-2
 
 
 def test_graphs_are_reused_across_rounds_and_regrown_for_larger_cohorts(monkeypatch) -> None:
