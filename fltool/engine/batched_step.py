@@ -18,6 +18,7 @@ from torch.nn.utils.rnn import pad_sequence
 from fltool.algorithms import LocalRule
 from fltool.algorithms.local import add_proximal_gradient_
 from fltool.devices import host_to_device
+from fltool.engine.batched_nets import LowRankGrad, collect_low_rank_grads
 from fltool.engine.cohort import ClientData, client_epoch_orders
 
 # (stacked params, x (M,B,...), y (M,B), mask (M,B)) -> cross-entropy per client (M,)
@@ -59,47 +60,60 @@ def plan_chunk(seed: int, round_: int, clients: Sequence[ClientData], rule: Loca
 
 def step_grads(
     cross_entropy: BatchedCrossEntropy, params: Sequence[Tensor], x: Tensor, y: Tensor, idx: Tensor, mask: Tensor, active: Tensor
-) -> tuple[Tensor, list[Tensor]]:
-    """Each client's cross-entropy on its batch `idx` and its gradient, (M,) and stacked.
+) -> tuple[Tensor, list[Tensor | LowRankGrad]]:
+    """Each client's cross-entropy on its batch `idx` and its gradient, (M,) and stacked
+    (a large dense layer's weight gradient as a `LowRankGrad`, see `BatchedLinear`).
 
     Clients' parameters are independent, so the gradient of the summed loss w.r.t. the
     stack is every client's own gradient; weighting by `active` zeroes the step of a
     finished client (whose all-masked ce is already 0)."""
-    ce = cross_entropy(tuple(params), x[idx], y[idx], mask)
-    return ce, list(torch.autograd.grad((ce * active).sum(), list(params)))
+    with collect_low_rank_grads() as low_rank:
+        ce = cross_entropy(tuple(params), x[idx], y[idx], mask)
+    dense = [p for p in params if p not in low_rank]
+    grads = iter(torch.autograd.grad((ce * active).sum(), dense))
+    return ce, [low_rank.pop(p) if p in low_rank else next(grads) for p in params]
 
 
 @torch.no_grad()
-def step_update(params: Sequence[Tensor], grads: list[Tensor], anchor: Sequence[Tensor], rule: LocalRule, active: Tensor) -> None:
+def step_update(
+    params: Sequence[Tensor], grads: list[Tensor | LowRankGrad], anchor: Sequence[Tensor], rule: LocalRule, active: Tensor
+) -> None:
     """The local rule's update in place: FedProx's gradient (kept off finished clients,
     which the term alone would still move), then plain SGD."""
     if rule.mu > 0:
+        grads = [g.materialize() if isinstance(g, LowRankGrad) else g for g in grads]
         add_proximal_gradient_(grads, params, anchor, rule.mu, active)
     sgd_step(params, grads, rule.lr)
 
 
-def match_layout(params: list[Tensor], grads: Sequence[Tensor]) -> list[Tensor]:
+def match_layout(params: list[Tensor], grads: Sequence[Tensor | LowRankGrad]) -> list[Tensor]:
     """Give each stacked parameter the memory layout of its gradient.
 
     The batched matmul behind a vmap'd Linear returns weight gradients as transposed
     views; adding a transposed tensor in place is a cache-hostile strided loop that cost
     more than the whole forward pass on CPU. With equal layouts the update is one linear
-    sweep. Values are unchanged, only strides.
+    sweep. Values are unchanged, only strides. (A `LowRankGrad` is added by a GEMM into
+    the weights as they are.)
     """
     out = []
     for p, g in zip(params, grads, strict=True):
-        if p.stride() != g.stride():
+        if isinstance(g, Tensor) and p.stride() != g.stride():
             # empty_like keeps g's strides when they are dense, else falls back to contiguous
             p = torch.empty_like(g, dtype=p.dtype).copy_(p.detach()).requires_grad_(True)
         out.append(p)
     return out
 
 
-def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float) -> None:
-    """w_k <- w_k - lr * g_k for every client k in place (one fused foreach kernel).
+def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor | LowRankGrad], lr: float) -> None:
+    """w_k <- w_k - lr * g_k for every client k in place: one fused foreach kernel, and
+    for a `LowRankGrad` one GEMM that accumulates -lr * left @ right into the weights.
 
     Plain SGD keeps no state. A stateful optimizer would keep its state stacked like the
     parameters (client dim 0) and also skip finished clients (a zero gradient is not
     enough once there is momentum).
     """
-    torch._foreach_add_(list(params), list(grads), alpha=-lr)
+    full = [(p, g) for p, g in zip(params, grads, strict=True) if isinstance(g, Tensor)]
+    torch._foreach_add_([p for p, _ in full], [g for _, g in full], alpha=-lr)
+    for p, g in zip(params, grads, strict=True):
+        if isinstance(g, LowRankGrad):
+            p.baddbmm_(g.left, g.right, alpha=-lr)

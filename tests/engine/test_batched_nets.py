@@ -102,6 +102,36 @@ def test_weight_gradients_come_in_the_weights_layout(every_dense_layer_batched) 
     assert all(g.is_contiguous() for g in grads)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_inside_collect_low_rank_grads_the_weight_gradient_is_its_two_factors(bias: bool) -> None:
+    """Autograd gets no gradient for the weight; the sink holds factors whose product is
+    the gradient BatchedLinear computes outside it, and the other gradients are unchanged."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7, requires_grad=True)
+    w = torch.randn(3, 4, 7, requires_grad=True)
+    b = torch.randn(3, 4, requires_grad=True) if bias else None
+    g = torch.randn(3, 5, 4)
+    others = [x] + ([b] if bias else [])
+    want = torch.autograd.grad(BatchedLinear.apply(x, w, b), [w, *others], g)
+    with batched_nets.collect_low_rank_grads() as sink:
+        out = BatchedLinear.apply(x, w, b, batched_nets._LOW_RANK.get())
+    assert w in sink and x not in sink
+    got = torch.autograd.grad(out, others, g)
+    low_rank = sink.pop(w)
+    assert low_rank.left.shape == (3, 4, 5) and low_rank.right.shape == (3, 5, 7)
+    torch.testing.assert_close(low_rank.materialize(), want[0])
+    for a, e in zip(got, want[1:], strict=True):
+        torch.testing.assert_close(a, e)
+
+
+def test_a_registered_weight_whose_backward_never_ran_is_an_error() -> None:
+    w = torch.randn(2, 3, 4, requires_grad=True)
+    with batched_nets.collect_low_rank_grads() as sink:
+        BatchedLinear.apply(torch.randn(2, 5, 4), w, None, batched_nets._LOW_RANK.get())
+    with pytest.raises(RuntimeError, match="got none"):
+        sink.pop(w)
+
+
 def test_cpu_dropout_keeps_1_minus_p_and_rescales() -> None:
     torch.manual_seed(0)
     h = torch.ones(400_000)

@@ -303,3 +303,25 @@ def test_a_chunk_out_of_device_memory_is_split_and_retried(monkeypatch) -> None:
     monkeypatch.setattr(engine, "train_chunk", no_memory)
     with pytest.raises(torch.OutOfMemoryError):  # one client that does not fit is the user's to see
         engine.train_cohort(params, clients, RULES["fedprox"], 2)
+
+
+@pytest.mark.parametrize("mode", ["fedavg", "fedprox"])
+def test_a_low_rank_gradient_updates_as_its_product_would(mode: str) -> None:
+    """`step_update` given a LowRankGrad (one GEMM into the weights; materialised first
+    for FedProx's term) equals the update with the full gradient, finished clients still."""
+    from fltool.engine.batched_nets import LowRankGrad
+    from fltool.engine.batched_step import step_update
+
+    g = torch.Generator().manual_seed(0)
+    w, bias = torch.randn(3, 4, 6, generator=g), torch.randn(3, 4, generator=g)
+    anchor = [torch.randn(4, 6, generator=g), torch.randn(4, generator=g)]
+    low_rank = LowRankGrad(torch.randn(3, 4, 5, generator=g), torch.randn(3, 5, 6, generator=g))
+    bias_grad, active = torch.randn(3, 4, generator=g), torch.tensor([1.0, 0.0, 1.0])
+    low_rank.left[1] = 0  # a finished client's gradient is zero (its loss is weighted by 0)
+    full = [w.clone(), bias.clone()]
+    step_update(full, [low_rank.materialize(), bias_grad.clone()], anchor, RULES[mode], active)
+    fused = [w.clone(), bias.clone()]
+    step_update(fused, [low_rank, bias_grad.clone()], anchor, RULES[mode], active)
+    assert_same(fused, full, atol=1e-6)
+    assert torch.equal(fused[0][1], w[1])  # the finished client did not move
+    assert not torch.equal(fused[0][0], w[0])
