@@ -2,7 +2,7 @@
 # Every GPU check of the README in one call to a CUDA machine: the gpu-marked tests, the
 # engine benchmarks (with a profile of the McMahan CNN step and A/B variants), time to
 # accuracy on real MNIST, and the NCCL DDP checks. From the README's H100 timings it should
-# take about 7 minutes (not yet run as a whole). The per-command limits only stop a hang;
+# take about 8 minutes (not yet run as a whole). The per-command limits only stop a hang;
 # the logs are written as it goes, so a call cut short still returns what ran.
 #
 #   bash scripts/gpu_check.sh [tests] [engines] [accuracy] [ddp]    # default: all four
@@ -51,11 +51,11 @@ esac
 case " $sections " in *" engines "*)
     bench="python scripts/bench_engines.py --device cuda"
     check engines 90 $bench --workload 2nn --rounds 3
-    check engines 120 $bench --workload cnn --rounds 2 --engines textbook vectorized --profile 20
+    check engines 150 $bench --workload cnn --rounds 2 --engines textbook vectorized vectorized:bf16 --profile 20
     check engines 60 $bench --workload cnn --rounds 2 --engines vectorized --no-cuda-graphs --profile 25
     check engines 45 $bench --workload cnn --rounds 2 --engines vectorized --variant batched-linear
     check engines 45 $bench --workload cnn --rounds 2 --engines vectorized --variant channels-last
-    check engines 90 $bench --workload cifar --rounds 2 --engines textbook vectorized
+    check engines 90 $bench --workload cifar --rounds 2 --engines textbook vectorized vectorized:bf16
     check engines 90 $bench --workload 2nn_1000 --rounds 1 --engines textbook vectorized
     check engines 120 $bench --workload cnn_1000 --rounds 1 --engines textbook vectorized
 esac
@@ -65,6 +65,7 @@ case " $sections " in *" accuracy "*)
         eval.target_accuracy=0.97 output.dir=$runs
     check accuracy 90 fltool train configs/fedavg_mnist_cnn.yaml output.dir=$runs
     check accuracy 30 sh -c "fltool eval $runs/fedavg_mnist_cnn/*/checkpoints/best.pt --json"
+    check accuracy 90 fltool train configs/fedavg_mnist_cnn.yaml federated.amp=bf16 output.dir=$runs/bf16
 esac
 
 case " $sections " in *" ddp "*)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fltool.data import load_dataset
+from fltool.devices import keep_freed_host_memory
 from fltool.engine.checkpoint import check_weights_fit, load_checkpoint
 from fltool.engine.evaluate import evaluate
 from fltool.engine.rundir import last_checkpoint
@@ -18,6 +19,7 @@ from fltool.models import build_model
 def evaluate_checkpoint(path: Path, data_root: str | None = None, device: str = "auto") -> dict[str, Any]:
     """Test a checkpoint file, or a run directory's latest model (its `last.pt`)."""
     dev = resolve_device(device, key="--device")
+    keep_freed_host_memory(dev)  # as the trainers do: the test pass's activations are reused, not page-faulted in
     if path.is_dir():
         last = last_checkpoint(path)
         if not last.exists():

@@ -21,6 +21,11 @@ gradient added directly, a plain SGD step. Only the batching differs from
   activations, or vmap randomness="different") from a per-chunk seed, so dropout
   models match the sequential engine in distribution, not bit for bit; they are still
   deterministic for a given seed and chunk size.
+- A large dense layer's weight gradient (CPU) stays as its rank-B factors, and the SGD
+  step adds their product into the weights with one GEMM (`LowRankGrad`): the same
+  update, without writing and re-reading a gradient the size of the weights.
+- `amp="bf16"` runs the forward pass under bf16 autocast (`with_amp`), as the
+  sequential engine does; weights, gradients and updates stay fp32.
 - A cohort is trained in chunks of clients. `max_parallel_clients` fixes the chunk
   size; null sizes chunks to a memory budget (see `chunking`). A chunk that still runs
   out of device memory is split in two and retried. Chunks change only float

@@ -62,3 +62,22 @@ def test_eval_prints_a_class_without_test_examples_as_unmeasured(capsys) -> None
     print_eval(report)
     out = capsys.readouterr().out
     assert "0.5000" in out and "- (no test examples)" in out
+
+
+def test_a_conv_model_is_evaluated_as_a_channels_last_copy_on_cpu() -> None:
+    """The copy gives the default layout's result; the model keeps its layout and mode."""
+    from fltool.engine import evaluate as evaluate_module
+    from fltool.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("cnn_cifar", (3, 10, 10), 10)
+    model.train()
+    split = TensorSplit(torch.randn(57, 3, 10, 10), torch.randint(0, 10, (57,)))
+    assert evaluate_module.inference_layout(model, split) == torch.channels_last
+    assert evaluate_module.inference_layout(nn.Linear(5, 4), TensorSplit(torch.randn(3, 5), torch.zeros(3, dtype=torch.long))) == torch.contiguous_format
+    result = evaluate(model, split, batch_size=20, num_classes=10)
+    assert model.training and all(p.is_contiguous() for p in model.parameters())
+    with torch.no_grad():
+        logits = model.eval()(split.x)
+    assert result.loss == pytest.approx(F.cross_entropy(logits, split.y).item(), rel=1e-5)
+    assert result.accuracy == (logits.argmax(1) == split.y).sum().item() / 57
