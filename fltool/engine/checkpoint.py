@@ -33,7 +33,8 @@ class Checkpoint:
     model: dict[str, Tensor]  # the global model's state dict, on the CPU
     metrics: list[dict[str, Any]]  # every metrics row up to `round`
     best_accuracy: float | None
-    extra: dict[str, Any] = field(default_factory=dict)  # DDP: optimizer and scheduler state
+    # DDP: optimizer and scheduler state; federated: the vectorized engine's chunk_cap
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -121,6 +122,9 @@ def _check_fields(state: dict[str, Any], path: Path) -> None:
         raise bad("best_accuracy", "an accuracy in [0, 1] or null", best)
     if not isinstance(extra, dict):
         raise bad("extra", "a mapping", extra)
+    cap = extra.get("chunk_cap")
+    if cap is not None and (type(cap) is not int or cap < 1):
+        raise bad("extra['chunk_cap']", "a number of clients >= 1 or null", cap)
 
 
 def _is_plain_tensor(value: Any) -> bool:

@@ -22,11 +22,12 @@ from fltool.config import Config
 from fltool.data import load_dataset, partition
 from fltool.devices import keep_freed_host_memory
 from fltool.engine.checkpoint import Checkpoint, make_checkpoint, save_checkpoint
-from fltool.engine.cohort import ClientData, make_engine
+from fltool.engine.cohort import ClientData, SequentialEngine, make_engine
 from fltool.engine.evaluate import evaluate
 from fltool.engine.metrics import MetricsLog
 from fltool.engine.rundir import best_checkpoint, last_checkpoint
 from fltool.engine.setup import resolve_device, seeded_model
+from fltool.engine.vectorized import VectorizedEngine
 
 
 class Comm:
@@ -96,6 +97,7 @@ def train_federated(
     if resume is not None:
         model.load_state_dict(resume.model)
         start, best = resume.round + 1, resume.best_accuracy
+        restore_engine(engine, resume.extra)
         log.rows = list(resume.metrics)
         if target_reached_at(log.rows, "round", cfg.eval.target_accuracy) is not None:
             start = cfg.federated.rounds + 1  # it stopped at its target: nothing left to train
@@ -144,7 +146,7 @@ def train_federated(
         if comm.is_main:
             log.rows.append(row)
             if improved or r % cfg.output.checkpoint_every == 0 or final or reached:
-                state = make_checkpoint(cfg, model, r, log.rows, best)
+                state = make_checkpoint(cfg, model, r, log.rows, best, engine_state(engine))
                 if r % cfg.output.checkpoint_every == 0 or final or reached:
                     save_checkpoint(state, last_checkpoint(run_dir))
                 if improved:
@@ -160,6 +162,19 @@ def train_federated(
             break
     comm.barrier()
     return summarize(run_dir, log.rows, "round", best, cfg.eval.target_accuracy, t_setup, t0)
+
+
+def engine_state(engine: SequentialEngine | VectorizedEngine) -> dict[str, Any]:
+    """What a resumed run needs to train as the uninterrupted one does: the chunk size
+    the vectorized engine fell back to after running out of device memory (chunks set
+    the float summation order). Under `launch`, rank 0's, which every rank takes on."""
+    cap = getattr(engine, "oom_cap", None)
+    return {} if cap is None else {"chunk_cap": cap}
+
+
+def restore_engine(engine: SequentialEngine | VectorizedEngine, extra: dict[str, Any]) -> None:
+    if isinstance(engine, VectorizedEngine):
+        engine.oom_cap = extra.get("chunk_cap")
 
 
 def target_reached_at(rows: list[dict[str, Any]], unit: str, target: float | None) -> int | None:

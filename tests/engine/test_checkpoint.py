@@ -276,3 +276,15 @@ def test_a_good_checkpoint_still_loads_and_resumes(run_dir: Path):
     result = CliRunner().invoke(app, ["train", "--resume", str(run_dir), "federated.rounds=2"])
     assert result.exit_code == 0, result.output
     assert load_checkpoint(last_checkpoint(run_dir)).round == 2
+
+
+@pytest.mark.parametrize("cap", [0, -1, 2.0, "2", True])
+def test_a_bad_chunk_cap_is_named(cap, make_config, tmp_path):
+    from fltool.engine.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+    from fltool.models import build_model
+
+    cfg = make_config()
+    path = tmp_path / "c.pt"
+    save_checkpoint(make_checkpoint(cfg, build_model("mlp", (1, 8, 8), 10), 1, [], None, {"chunk_cap": cap}), path)
+    with pytest.raises(FltoolError, match=r"field 'extra\['chunk_cap'\]' must be a number of clients >= 1 or null"):
+        load_checkpoint(path)

@@ -195,3 +195,30 @@ def test_a_diverged_run_writes_strict_json(make_config):
     report = json.loads(done.stdout, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert report["loss"] is None
     assert report["accuracy"] == 0.0
+
+
+def test_a_resume_keeps_the_chunk_size_an_out_of_memory_split_set(make_config, monkeypatch):
+    """A transient out-of-memory in round 1 halves the vectorized engine's chunks for the
+    rest of the run; a resumed run must keep them halved (they set the summation order)."""
+    from fltool.engine.vectorized import VectorizedEngine
+
+    real_train_chunk, chunk_sizes = VectorizedEngine.train_chunk, []
+
+    def transient_oom(self, global_params, chunk, rule, round_):
+        chunk_sizes.append(len(chunk))
+        if round_ == 1 and len(chunk) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_train_chunk(self, global_params, chunk, rule, round_)
+
+    monkeypatch.setattr(VectorizedEngine, "train_chunk", transient_oom)
+    cfg = make_config(federated={"rounds": 4, "engine": "vectorized"})
+    full = run(cfg)
+    assert chunk_sizes[0] == 4 and max(chunk_sizes[1:]) == 2
+    broken = interrupted_run(cfg, after_round=2)
+    assert load_checkpoint(last_checkpoint(broken)).extra == {"chunk_cap": 2}
+    chunk_sizes.clear()
+    resume_run(broken, [], PlainReporter())
+    assert chunk_sizes and max(chunk_sizes) == 2
+    a, b = (load_checkpoint(last_checkpoint(d)).model for d in (full, broken))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert strip_timing(read_metrics(full)) == strip_timing(read_metrics(broken))
