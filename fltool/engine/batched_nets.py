@@ -166,7 +166,9 @@ def uses_batched_linear(x: Tensor, w: Tensor) -> bool:
 def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     if not uses_batched_linear(x, w):
         return autograd_linear(x, w, b)
-    sink = _LOW_RANK.get()
+    # only a layer with a bias: autograd runs a layer's backward only for a gradient it was
+    # asked for, and the bias's is always asked; a bias-free first layer would hand none
+    sink = _LOW_RANK.get() if b is not None else None
     if torch.is_autocast_enabled(x.device.type):
         # bf16 autocast leaves these layers in fp32: at a client's batch of 10 they are
         # bound by moving the weights (6.4 MB a client for the CNN's 3136x512), and a

@@ -325,3 +325,19 @@ def test_a_low_rank_gradient_updates_as_its_product_would(mode: str) -> None:
     assert_same(fused, full, atol=1e-6)
     assert torch.equal(fused[0][1], w[1])  # the finished client did not move
     assert not torch.equal(fused[0][0], w[0])
+
+
+@pytest.mark.parametrize("mode", ["fedavg", "fedprox"])
+def test_bias_free_dense_layers_first_in_the_model_train_as_in_sequential(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BatchedLinear layers whose input needs no gradient and that have no bias: nothing
+    of theirs but the weight is differentiated, so they hand back a full gradient."""
+    from fltool.engine import batched_nets
+
+    monkeypatch.setattr(batched_nets, "BATCHED_LINEAR_MIN_WEIGHTS", 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 12, bias=False), nn.ReLU(), nn.Linear(12, 10, bias=False))
+    clients, params = make_clients((1, 8, 8)), global_params(model)
+    seq = SequentialEngine(model, seed=3).train_cohort(params, clients, RULES[mode], 2)
+    vec = VectorizedEngine(model, seed=3).train_cohort(params, clients, RULES[mode], 2)
+    assert vec.weighted.total == sum(SIZES)
+    assert_same(vec.weighted.average(), seq.weighted.average())
