@@ -51,7 +51,7 @@ from fltool.algorithms.local import masked_cross_entropy
 from fltool.devices import host_to_device
 from fltool.engine.batched_nets import make_batched_apply, supports
 from fltool.engine.batched_step import BatchedCrossEntropy, ChunkPlan, match_layout, plan_chunk, step_grads, step_update
-from fltool.engine.chunking import auto_chunk_size
+from fltool.engine.chunking import auto_chunk_size, device_memory_budget
 from fltool.engine.cohort import ClientData, CohortResult, make_apply_fn, with_amp
 from fltool.engine.setup import has_running_stats
 from fltool.engine.step_graph import StepGraphCache
@@ -90,6 +90,7 @@ class VectorizedEngine:
         self.seed = seed
         self.max_parallel_clients = max_parallel_clients
         self.memory_budget = memory_budget  # bytes per chunk when sizing automatically; None: per device
+        self.amp = amp
         self._chunk_sizes: dict[tuple[int, ...], int] = {}
         self.oom_cap: int | None = None  # set when a chunk ran out of device memory
         self.apply_fn = make_apply_fn(model, amp)
@@ -164,7 +165,10 @@ class VectorizedEngine:
         key = (width, *widest.x.shape[1:])
         if key not in self._chunk_sizes:
             x, y = widest.x[:width], widest.y[:width]
-            self._chunk_sizes[key] = auto_chunk_size(self.apply_fn, global_params, x, y, self.memory_budget)
+            budget = self.memory_budget
+            if budget is None:
+                budget = device_memory_budget(global_params[0].device, self.amp)
+            self._chunk_sizes[key] = auto_chunk_size(self.apply_fn, global_params, x, y, budget)
         return min(self._chunk_sizes[key], self.oom_cap or len(clients), len(clients))
 
     def train_chunk(

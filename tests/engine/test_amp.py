@@ -111,3 +111,18 @@ def test_bf16_cnn_learns_real_mnist(mnist_root: Path, tmp_path: Path) -> None:
     assert load_config(run_dir / "config.yaml").federated.amp == "bf16"
     (row,) = read_metrics(run_dir)
     assert row["test_accuracy"] >= 0.85
+
+
+def test_bf16_on_cpu_sizes_chunks_to_twice_the_working_set() -> None:
+    """The McMahan CNN on 28x28 inputs: 3 clients a chunk in fp32 (48 MiB), 5 under bf16
+    (96 MiB), the size the 2026-12-01 CPU runs favoured."""
+    from fltool.engine.chunking import CPU_BF16_WORKING_SET_BYTES, CPU_WORKING_SET_BYTES, device_memory_budget
+
+    cpu = torch.device("cpu")
+    assert device_memory_budget(cpu, "bf16") == CPU_BF16_WORKING_SET_BYTES == 2 * CPU_WORKING_SET_BYTES
+    assert device_memory_budget(cpu) == CPU_WORKING_SET_BYTES
+    model = build_model("cnn", (1, 28, 28), 10)
+    clients = make_clients((1, 28, 28), sizes=[30] * 12)
+    params, rule = global_params(model), RULES["fedavg"]
+    assert VectorizedEngine(model, seed=0, amp="bf16").chunk_size(params, clients, rule) == 5
+    assert VectorizedEngine(model, seed=0).chunk_size(params, clients, rule) == 3
