@@ -168,8 +168,9 @@ def engine_state(engine: SequentialEngine | VectorizedEngine) -> dict[str, Any]:
     """What a resumed run needs to train as the uninterrupted one does: the chunk size
     the vectorized engine fell back to after running out of device memory (chunks set
     the float summation order). Under `launch`, rank 0's, which every rank takes on."""
-    cap = getattr(engine, "oom_cap", None)
-    return {} if cap is None else {"chunk_cap": cap}
+    if not isinstance(engine, VectorizedEngine) or engine.oom_cap is None:
+        return {}
+    return {"chunk_cap": engine.oom_cap}
 
 
 def restore_engine(engine: SequentialEngine | VectorizedEngine, extra: dict[str, Any]) -> None:
