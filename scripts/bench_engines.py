@@ -1,7 +1,11 @@
 """Time the textbook FedAvg loop against fltool's sequential and vectorized engines.
 
 All engines run in one process on the same workload, clients and sampled cohorts.
-Client-steps/s counts one local SGD step of one client as one client-step.
+Client-steps/s counts one local SGD step of one client as one client-step. On CPU the
+engines' timed rounds are interleaved (round 1 of every engine, then round 2, ...), so a
+shared machine's drift in speed falls on all of them alike, and each row also gives the
+lowest and highest ratio of its single rounds against the textbook loop's round run
+beside it; `--no-interleave` (the default on CUDA) times one engine after the other.
 
 `--engines ... grad-only` adds a practical bound: a client-step's forward and backward
 kernels alone, timed on one fixed batch (no data, update or aggregation), the fastest
@@ -11,10 +15,10 @@ about as far as any engine built from PyTorch's kernels can go. `flop-bound` is 
 hardware's ceiling: the client-step's matmul and convolution FLOPs at the device's
 fp32 matmul peak (a 2048x2048 matmul, timed here), with everything else free.
 
-Peak memory: on CUDA, torch.cuda.max_memory_allocated() during the engine's timed
-rounds (reset before each engine). On CPU (Linux), the peak resident set size during
-the timed rounds minus the resident size before them: the kernel's high-water mark
-VmHWM is reset by writing 5 to /proc/self/clear_refs before each engine. Where that
+Peak memory, over the engine's timed rounds, or when interleaved over one more, untimed,
+round of each engine after them: on CUDA, torch.cuda.max_memory_allocated() (reset
+before); on CPU (Linux), the peak resident set size minus the resident size before: the
+kernel's high-water mark VmHWM is reset by writing 5 to /proc/self/clear_refs. Where that
 reset is not possible it falls back to the growth of getrusage's ru_maxrss, which
 shows 0 for an engine that stays below an earlier peak.
 
@@ -43,7 +47,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -261,77 +265,160 @@ def peak_rss_mib(baseline: float | None) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def time_engine(
-    run_round: Callable[[int], None], rounds: int, device: torch.device
-) -> tuple[float, float]:
-    """(seconds per round, peak memory MiB) over `rounds` timed rounds after one warm-up."""
-    run_round(0)
-    sync(device)
+@dataclass
+class Timed:
+    """An engine's timed rounds (seconds each) and its peak memory (MiB)."""
+
+    name: str
+    run_round: Callable[[int], None] | None
+    seconds: list[float] = field(default_factory=list)
+    peak_mib: float = 0.0
+
+
+def peak_during(run: Callable[[], None], device: torch.device) -> float:
+    """Peak memory (MiB) while `run` runs: CUDA's allocated peak, or on CPU the growth of
+    the resident set over where it started (freed memory first handed back to the OS)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     baseline = reset_peak_rss()
     rss0 = peak_rss_mib(baseline) if baseline is None else 0.0
-    t0 = time.perf_counter()
-    for r in range(1, rounds + 1):
-        run_round(r)
+    run()
     sync(device)
-    seconds = (time.perf_counter() - t0) / rounds
     if device.type == "cuda":
-        return seconds, torch.cuda.max_memory_allocated(device) / 2**20
-    return seconds, max(0.0, peak_rss_mib(baseline) - rss0)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_mib(baseline) - rss0
+
+
+def time_alone(timed: Timed, rounds: int, device: torch.device) -> None:
+    """One warm-up round (0), then rounds 1..rounds timed together, and the peak memory
+    over them."""
+    timed.run_round(0)
+    sync(device)
+
+    def timed_rounds() -> None:
+        t0 = time.perf_counter()
+        for r in range(1, rounds + 1):
+            timed.run_round(r)
+        sync(device)
+        timed.seconds = [(time.perf_counter() - t0) / rounds] * rounds
+
+    timed.peak_mib = peak_during(timed_rounds, device)
+
+
+def time_interleaved(engines: list[Timed], rounds: int, device: torch.device) -> None:
+    """One warm-up round (0) of every engine, then rounds 1..rounds, each running every
+    engine once, the order rotating by one per round: on a shared VM whose speed drifts
+    by tens of percent within minutes, that keeps the drift out of the ratios, which
+    then compare rounds run side by side.
+
+    The peak memory comes from one more round of each engine, untimed: measuring it
+    hands freed memory back to the OS first (`reset_peak_rss`), and the page faults that
+    costs would fall on the timed rounds. (On CUDA that peak includes the other engines'
+    memory, which stays allocated.)"""
+    for timed in engines:
+        timed.run_round(0)
+        sync(device)
+    for r in range(1, rounds + 1):
+        shift = (r - 1) % len(engines)
+        for timed in engines[shift:] + engines[:shift]:
+            t0 = time.perf_counter()
+            timed.run_round(r)
+            sync(device)
+            timed.seconds.append(time.perf_counter() - t0)
+    for timed in engines:
+        timed.peak_mib = peak_during(lambda: timed.run_round(rounds + 1), device)
+
+
+def make_runner(
+    engine_name: str, w: Workload, cohorts: dict[int, list[ClientData]], args: argparse.Namespace, device: torch.device
+) -> Callable[[int], None]:
+    """A fresh global model (seed 0) and a function that trains round r of it."""
+    torch.manual_seed(0)
+    model = build_model(w.model, w.shape, 10).to(device)
+    base, _, amp = engine_name.partition(":")
+    if base == "textbook":
+        return lambda r: textbook_round(w, model, cohorts[r], amp or "none")
+    engine = make_engine(base, model, 0, args.max_parallel_clients, args.cuda_graphs, amp or "none")
+    return lambda r: engine_round(engine, w, model, cohorts[r], r)
+
+
+def print_row(timed: Timed, steps_per_round: float, ref: Timed | None, paired: bool) -> None:
+    """Its rate and the ratio against the textbook loop; `paired` (rounds timed side by
+    side), also the lowest and highest ratio of single rounds."""
+    rate = steps_per_round * len(timed.seconds) / sum(timed.seconds)
+    ratio, spread = "-", ""
+    if ref is not None and ref.seconds:
+        ratio = f"{sum(ref.seconds) / sum(timed.seconds):.2f}"
+        if paired and timed is not ref:
+            paired = sorted(a / b for a, b in zip(ref.seconds, timed.seconds))
+            spread = f"   {paired[0]:.2f}-{paired[-1]:.2f}"
+    seconds = sum(timed.seconds) / len(timed.seconds)
+    print(f"{timed.name:<15} {rate:>15,.0f} {seconds:>10.3f} {max(0.0, timed.peak_mib):>10.0f} {ratio:>11}{spread}",
+          flush=True)
+
+
+def print_bound(
+    engine_name: str, w: Workload, cohorts: dict[int, list[ClientData]], args: argparse.Namespace,
+    device: torch.device, steps_per_round: float, ref: Timed | None,
+) -> None:
+    torch.manual_seed(0)
+    model = build_model(w.model, w.shape, 10).to(device)
+    if engine_name == "grad-only":
+        chunk = make_engine("vectorized", model, 0, args.max_parallel_clients, False).chunk_size(
+            [p.detach() for p in model.parameters()], cohorts[1], LocalRule(w.epochs, w.batch_size, w.lr))
+        per_step, fastest = gradient_only(w, model, chunk, device)
+        detail = f"forward+backward alone, fastest: {fastest}"
+    else:
+        per_step, flops = flop_bound(w, model, device)
+        detail = f"matmul/conv FLOPs at the fp32 matmul peak: {flops}"
+    ratio = f"{sum(ref.seconds) / (per_step * steps_per_round * len(ref.seconds)):.2f}" if ref else "-"
+    print(f"{engine_name:<15} {1 / per_step:>15,.0f} {per_step * steps_per_round:>10.3f} {'-':>10} {ratio:>11}"
+          f"   ({detail})", flush=True)
 
 
 def bench(name: str, w: Workload, args: argparse.Namespace, device: torch.device) -> None:
     clients = make_clients(w, args.data, device)
     cohorts = {
         r: [clients[k] for k in sample_clients(w.num_clients, w.fraction, generator_for(0, "sample", r))]
-        for r in range(args.rounds + 2)  # the last one only for --profile
+        for r in range(args.rounds + 2)  # the last one untimed: interleaved runs' peak memory, --profile
     }
     steps = sum(w.epochs * math.ceil(c.n / w.batch_size) for r in range(1, args.rounds + 1) for c in cohorts[r])
     steps_per_round = steps / args.rounds
+    interleave = args.interleave if args.interleave is not None else device.type == "cpu"
     print(
         f"\n== {name}: {w.model}, {w.num_clients} clients x {w.per_client}, cohort {len(cohorts[1])}, "
         f"E={w.epochs}, B={w.batch_size}, {steps_per_round:.0f} client-steps/round, {args.rounds} rounds, {device}"
+        + (", engines interleaved round by round" if interleave else "")
     )
-    print(f"{'engine':<15} {'client-steps/s':>15} {'s/round':>10} {'peak MiB':>10} {'x textbook':>11}")
-    ref = None
-    for engine_name in args.engines:
-        torch.manual_seed(0)
-        model = build_model(w.model, w.shape, 10).to(device)
-        if engine_name in ("grad-only", "flop-bound"):
-            if engine_name == "grad-only":
-                chunk = make_engine("vectorized", model, 0, args.max_parallel_clients, False).chunk_size(
-                    [p.detach() for p in model.parameters()], cohorts[1], LocalRule(w.epochs, w.batch_size, w.lr))
-                per_step, fastest = gradient_only(w, model, chunk, device)
-                detail = f"forward+backward alone, fastest: {fastest}"
-            else:
-                per_step, flops = flop_bound(w, model, device)
-                detail = f"matmul/conv FLOPs at the fp32 matmul peak: {flops}"
-            rate = 1 / per_step
-            ratio = f"{rate / ref:.2f}" if ref else "-"
-            print(f"{engine_name:<15} {rate:>15,.0f} {per_step * steps_per_round:>10.3f} {'-':>10} {ratio:>11}"
-                  f"   ({detail})", flush=True)
-            continue
-        base, _, amp = engine_name.partition(":")
-        if base == "textbook":
-
-            def run_round(r: int) -> None:
-                textbook_round(w, model, cohorts[r], amp or "none")
-
-        else:
-            engine = make_engine(base, model, 0, args.max_parallel_clients, args.cuda_graphs, amp or "none")
-
-            def run_round(r: int) -> None:
-                engine_round(engine, w, model, cohorts[r], r)
-
-        seconds, mib = time_engine(run_round, args.rounds, device)
-        rate = steps_per_round / seconds
-        ref = rate if engine_name == "textbook" else ref
-        ratio = f"{rate / ref:.2f}" if ref else "-"
-        print(f"{engine_name:<15} {rate:>15,.0f} {seconds:>10.3f} {mib:>10.0f} {ratio:>11}", flush=True)
-        if args.profile:
-            print(f"-- {engine_name}: one round profiled, top {args.profile} ops")
-            profile_round(run_round, args.rounds + 1, device, args.profile)
+    header = f"{'engine':<15} {'client-steps/s':>15} {'s/round':>10} {'peak MiB':>10} {'x textbook':>11}"
+    names = [e for e in args.engines if e not in ("grad-only", "flop-bound")]
+    if interleave:
+        timed = [Timed(e, make_runner(e, w, cohorts, args, device)) for e in names]
+        time_interleaved(timed, args.rounds, device)
+        ref = next((t for t in timed if t.name == "textbook"), None)
+        print(header + ("   rounds' ratios" if ref else ""))
+        for t in timed:
+            print_row(t, steps_per_round, ref, paired=True)
+    else:
+        # one engine at a time, each released before the next: on CUDA a peak is absolute
+        print(header)
+        timed, ref = [], None
+        for e in names:
+            t = Timed(e, make_runner(e, w, cohorts, args, device))
+            time_alone(t, args.rounds, device)
+            ref = t if e == "textbook" else ref
+            print_row(t, steps_per_round, ref, paired=False)
+            if args.profile:
+                print(f"-- {e}: one round profiled, top {args.profile} ops")
+                profile_round(t.run_round, args.rounds + 1, device, args.profile)
+            t.run_round = None
+    for e in args.engines:
+        if e in ("grad-only", "flop-bound"):
+            print_bound(e, w, cohorts, args, device, steps_per_round, ref)
+    if args.profile and interleave:
+        for t in timed:
+            print(f"-- {t.name}: one round profiled, top {args.profile} ops")
+            profile_round(t.run_round, args.rounds + 1, device, args.profile)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -350,6 +437,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-parallel-clients", type=int, default=None, help="vectorized chunk size")
     parser.add_argument(
         "--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="vectorized: replay steps as CUDA graphs"
+    )
+    parser.add_argument(
+        "--interleave", action=argparse.BooleanOptionalAction, default=None,
+        help="run each timed round of every engine in turn (default: on CPU, whose VM speed drifts), "
+        "not all rounds of one engine before the next (default on CUDA: its peak memory is absolute)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--variant", nargs="+", choices=list(VARIANTS), default=[],

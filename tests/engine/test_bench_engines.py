@@ -17,7 +17,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_bench_script_times_textbook_sequential_and_vectorized(tmp_path):
-    cmd = [sys.executable, str(REPO / "scripts" / "bench_engines.py"), "--workload", "2nn", "--rounds", "1",
+    """On CPU the engines' timed rounds are interleaved by default, and each row after
+    the textbook loop's gives the range of its rounds' ratios."""
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_engines.py"), "--workload", "2nn", "--rounds", "2",
            "--device", "cpu", "--engines", "textbook", "sequential", "vectorized", "grad-only", "flop-bound"]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -29,6 +31,10 @@ def test_bench_script_times_textbook_sequential_and_vectorized(tmp_path):
         assert float(steps_per_s.replace(",", "")) > 0 and float(s_per_round) > 0 and float(ratio) > 0
         assert peak_mib == "-" if name in ("grad-only", "flop-bound") else float(peak_mib) >= 0
     assert rows["textbook"][3] == "1.00"
+    assert "engines interleaved round by round" in done.stdout and "rounds' ratios" in done.stdout
+    for name in ("sequential", "vectorized"):
+        low, high = map(float, rows[name][4].split("-"))
+        assert 0 < low <= float(rows[name][3]) <= high
     assert "fastest:" in " ".join(rows["grad-only"])
     # the 2NN at B=10: forward and weight gradients 2*10*199,200 FLOPs each, input
     # gradients of the two upper layers 2*10*42,000 (the first layer's input needs none)
@@ -37,16 +43,18 @@ def test_bench_script_times_textbook_sequential_and_vectorized(tmp_path):
 
 def test_bench_variants_and_profile_run_and_say_so(tmp_path):
     """--variant swaps the hand-batched step's kernels (their equality is tested in
-    test_batched_nets); --profile prints one profiled round's op table per engine."""
+    test_batched_nets); --profile prints one profiled round's op table per engine;
+    --no-interleave times one engine after the other."""
     cmd = [sys.executable, str(REPO / "scripts" / "bench_engines.py"), "--workload", "2nn", "--rounds", "1",
            "--device", "cpu", "--engines", "vectorized", "--variant", "batched-linear", "channels-last",
-           "--profile", "5"]
+           "--profile", "5", "--no-interleave"]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "variants: batched-linear channels-last" in done.stdout
     assert "-- vectorized: one round profiled, top 5 ops" in done.stdout
     assert "Self CPU time total" in done.stdout
+    assert "interleaved" not in done.stdout
 
 
 def test_variants_switch_the_per_device_choices(monkeypatch):
