@@ -144,6 +144,35 @@ def test_cpu_dropout_keeps_1_minus_p_and_rescales() -> None:
     assert not _dropout(h, 1.0, True).any()
 
 
+@pytest.mark.parametrize("p", [0.5, 0.25, 0.125, 0.75, 0.3])
+def test_cpu_keep_mask_is_independent_with_rate_1_minus_p(p: float) -> None:
+    """Dyadic p draws a few random bits per element (0.3 compares uniforms): the keep rate
+    is 1 - p overall (a byte holding bit 63, which random_ leaves 0, would bias it by
+    ~1/64) and at every position of a draw's 56 bits, and neighbours are independent."""
+    torch.manual_seed(0)
+    h = torch.ones(2_000_000)
+    kept = (batched_nets._keep_mask(h, p) != 0).float()
+    n, se = h.numel(), (p * (1 - p) / h.numel()) ** 0.5
+    assert abs(kept.mean().item() - (1 - p)) < 5 * se
+    per_position = kept[: n // 56 * 56].view(-1, 56).mean(0)  # 5 standard errors of a column
+    assert (per_position - (1 - p)).abs().max().item() < 5 * se * 56**0.5
+    both = (kept[:-1] * kept[1:]).mean().item()  # within a byte and across bytes
+    assert abs(both - (1 - p) ** 2) < 5 * se
+    scale = torch.tensor(1.0).mul_(1 / (1 - p))  # fp32, as the uniform path scales
+    assert torch.equal(batched_nets._keep_mask(h, p).unique(), torch.stack([torch.tensor(0.0), scale]))
+
+
+def test_cpu_keep_mask_follows_the_seed_and_the_layout() -> None:
+    h = torch.randn(10, 6, 5, 5).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(3)
+    first = batched_nets._keep_mask(h, 0.25)
+    torch.manual_seed(3)
+    assert torch.equal(batched_nets._keep_mask(h, 0.25), first)
+    assert first.is_contiguous(memory_format=torch.channels_last) and first.dtype == torch.float32
+    strided = torch.randn(6, 4).t()  # neither layout: a plain contiguous mask
+    assert batched_nets._keep_mask(strided, 0.5).shape == (4, 6)
+
+
 def test_cpu_dropout_gradient_is_the_same_mask() -> None:
     torch.manual_seed(0)
     h = torch.randn(1000, requires_grad=True)
