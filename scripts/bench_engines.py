@@ -350,8 +350,8 @@ def print_row(timed: Timed, steps_per_round: float, ref: Timed | None, paired: b
     if ref is not None and ref.seconds:
         ratio = f"{sum(ref.seconds) / sum(timed.seconds):.2f}"
         if paired and timed is not ref:
-            paired = sorted(a / b for a, b in zip(ref.seconds, timed.seconds))
-            spread = f"   {paired[0]:.2f}-{paired[-1]:.2f}"
+            ratios = sorted(a / b for a, b in zip(ref.seconds, timed.seconds))
+            spread = f"   {ratios[0]:.2f}-{ratios[-1]:.2f}"
     seconds = sum(timed.seconds) / len(timed.seconds)
     print(f"{timed.name:<15} {rate:>15,.0f} {seconds:>10.3f} {max(0.0, timed.peak_mib):>10.0f} {ratio:>11}{spread}",
           flush=True)
