@@ -267,12 +267,19 @@ def peak_rss_mib(baseline: float | None) -> float:
 
 @dataclass
 class Timed:
-    """An engine's timed rounds (seconds each) and its peak memory (MiB)."""
+    """An engine's timed rounds: their total seconds and, when timed one by one
+    (interleaved), each round's; and its peak memory (MiB)."""
 
     name: str
     run_round: Callable[[int], None] | None
-    seconds: list[float] = field(default_factory=list)
+    rounds: int = 0
+    total_s: float = 0.0
+    round_s: list[float] = field(default_factory=list)
     peak_mib: float = 0.0
+
+    @property
+    def seconds_per_round(self) -> float:
+        return self.total_s / self.rounds
 
 
 def peak_during(run: Callable[[], None], device: torch.device) -> float:
@@ -290,7 +297,8 @@ def peak_during(run: Callable[[], None], device: torch.device) -> float:
 
 
 def time_alone(timed: Timed, rounds: int, device: torch.device) -> None:
-    """One warm-up round (0), then rounds 1..rounds timed together, and the peak memory
+    """One warm-up round (0), then rounds 1..rounds timed together (no sync between them,
+    so the host may prepare a round while the device runs the last), and the peak memory
     over them."""
     timed.run_round(0)
     sync(device)
@@ -300,7 +308,7 @@ def time_alone(timed: Timed, rounds: int, device: torch.device) -> None:
         for r in range(1, rounds + 1):
             timed.run_round(r)
         sync(device)
-        timed.seconds = [(time.perf_counter() - t0) / rounds] * rounds
+        timed.rounds, timed.total_s = rounds, time.perf_counter() - t0
 
     timed.peak_mib = peak_during(timed_rounds, device)
 
@@ -324,8 +332,9 @@ def time_interleaved(engines: list[Timed], rounds: int, device: torch.device) ->
             t0 = time.perf_counter()
             timed.run_round(r)
             sync(device)
-            timed.seconds.append(time.perf_counter() - t0)
+            timed.round_s.append(time.perf_counter() - t0)
     for timed in engines:
+        timed.rounds, timed.total_s = rounds, sum(timed.round_s)
         timed.peak_mib = peak_during(lambda: timed.run_round(rounds + 1), device)
 
 
@@ -342,19 +351,18 @@ def make_runner(
     return lambda r: engine_round(engine, w, model, cohorts[r], r)
 
 
-def print_row(timed: Timed, steps_per_round: float, ref: Timed | None, paired: bool) -> None:
-    """Its rate and the ratio against the textbook loop; `paired` (rounds timed side by
-    side), also the lowest and highest ratio of single rounds."""
-    rate = steps_per_round * len(timed.seconds) / sum(timed.seconds)
+def print_row(timed: Timed, steps_per_round: float, ref: Timed | None) -> None:
+    """Its rate and the ratio against the textbook loop; with rounds timed side by side
+    (interleaved), also the lowest and highest ratio of single rounds."""
+    seconds = timed.seconds_per_round
     ratio, spread = "-", ""
-    if ref is not None and ref.seconds:
-        ratio = f"{sum(ref.seconds) / sum(timed.seconds):.2f}"
-        if paired and timed is not ref:
-            ratios = sorted(a / b for a, b in zip(ref.seconds, timed.seconds))
+    if ref is not None:
+        ratio = f"{ref.seconds_per_round / seconds:.2f}"
+        if timed is not ref and timed.round_s and ref.round_s:
+            ratios = sorted(a / b for a, b in zip(ref.round_s, timed.round_s, strict=True))
             spread = f"   {ratios[0]:.2f}-{ratios[-1]:.2f}"
-    seconds = sum(timed.seconds) / len(timed.seconds)
-    print(f"{timed.name:<15} {rate:>15,.0f} {seconds:>10.3f} {max(0.0, timed.peak_mib):>10.0f} {ratio:>11}{spread}",
-          flush=True)
+    print(f"{timed.name:<15} {steps_per_round / seconds:>15,.0f} {seconds:>10.3f} {max(0.0, timed.peak_mib):>10.0f} "
+          f"{ratio:>11}{spread}", flush=True)
 
 
 def print_bound(
@@ -371,9 +379,15 @@ def print_bound(
     else:
         per_step, flops = flop_bound(w, model, device)
         detail = f"matmul/conv FLOPs at the fp32 matmul peak: {flops}"
-    ratio = f"{sum(ref.seconds) / (per_step * steps_per_round * len(ref.seconds)):.2f}" if ref else "-"
+    ratio = f"{ref.seconds_per_round / (per_step * steps_per_round):.2f}" if ref else "-"
     print(f"{engine_name:<15} {1 / per_step:>15,.0f} {per_step * steps_per_round:>10.3f} {'-':>10} {ratio:>11}"
           f"   ({detail})", flush=True)
+
+
+def profile_engine(timed: Timed, args: argparse.Namespace, device: torch.device) -> None:
+    if args.profile:
+        print(f"-- {timed.name}: one round profiled, top {args.profile} ops")
+        profile_round(timed.run_round, args.rounds + 1, device, args.profile)
 
 
 def bench(name: str, w: Workload, args: argparse.Namespace, device: torch.device) -> None:
@@ -398,7 +412,7 @@ def bench(name: str, w: Workload, args: argparse.Namespace, device: torch.device
         ref = next((t for t in timed if t.name == "textbook"), None)
         print(header + ("   rounds' ratios" if ref else ""))
         for t in timed:
-            print_row(t, steps_per_round, ref, paired=True)
+            print_row(t, steps_per_round, ref)
     else:
         # one engine at a time, each released before the next: on CUDA a peak is absolute
         print(header)
@@ -407,18 +421,15 @@ def bench(name: str, w: Workload, args: argparse.Namespace, device: torch.device
             t = Timed(e, make_runner(e, w, cohorts, args, device))
             time_alone(t, args.rounds, device)
             ref = t if e == "textbook" else ref
-            print_row(t, steps_per_round, ref, paired=False)
-            if args.profile:
-                print(f"-- {e}: one round profiled, top {args.profile} ops")
-                profile_round(t.run_round, args.rounds + 1, device, args.profile)
+            print_row(t, steps_per_round, ref)
+            profile_engine(t, args, device)
             t.run_round = None
     for e in args.engines:
         if e in ("grad-only", "flop-bound"):
             print_bound(e, w, cohorts, args, device, steps_per_round, ref)
-    if args.profile and interleave:
+    if interleave:
         for t in timed:
-            print(f"-- {t.name}: one round profiled, top {args.profile} ops")
-            profile_round(t.run_round, args.rounds + 1, device, args.profile)
+            profile_engine(t, args, device)
 
 
 def main(argv: list[str] | None = None) -> None:
