@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from fltool.engine.rundir import RunInterrupted
+from fltool.run.rundir import RunInterrupted
 from fltool.errors import FltoolError
 
 app = typer.Typer(
@@ -63,8 +63,8 @@ def train(
 ) -> None:
     """Train from CONFIG (federated simulation in-process, or DDP with world size 1)."""
     from fltool.config import dump_config, load_config
-    from fltool.engine.resume import resume_config
-    from fltool.engine.runner import resume_run, start_run
+    from fltool.run.resume import resume_config
+    from fltool.run.runner import resume_run, start_run
     from fltool.ui import make_reporter
 
     overrides = list(overrides or [])
@@ -128,8 +128,8 @@ def eval_(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Evaluate CHECKPOINT (or a run directory's last checkpoint) on the test split of its dataset."""
-    from fltool.engine.evaluate_checkpoint import evaluate_checkpoint
-    from fltool.engine.metrics import strict_json
+    from fltool.run.evaluate_checkpoint import evaluate_checkpoint
+    from fltool.run.metrics import strict_json
     from fltool.ui import print_eval
 
     with user_errors():

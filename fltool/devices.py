@@ -1,4 +1,5 @@
-"""Host memory for training on CPU, and host-to-device copies that do not wait for the GPU."""
+"""Devices: choosing one, host memory for training on CPU, and host-to-device copies
+that do not wait for the GPU."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 
 import torch
 from torch import Tensor
+
+from fltool.errors import FltoolError
 
 
 def host_to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -57,3 +60,17 @@ def keep_freed_host_memory(device: torch.device) -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
     except (OSError, AttributeError):  # not glibc
         return False
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """`auto`, `cpu` or `cuda` as a torch device; `key` is where the user set it, for errors."""
+    if name not in DEVICES:
+        raise FltoolError(f"{key}: must be one of {', '.join(DEVICES)}; got {name!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FltoolError(f"{key}: cuda was asked for but no CUDA device is visible; use auto or cpu")
+    return torch.device(name)

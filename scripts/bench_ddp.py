@@ -5,7 +5,7 @@ Run standalone (a process group of one is created on localhost) or under torchru
     python scripts/bench_ddp.py --steps 50 --device cpu
     torchrun --standalone --nproc-per-node 2 scripts/bench_ddp.py --steps 200
 
-(a) fltool: `fltool.distributed.trainer.train_steps` on GPU/CPU-resident tensors with
+(a) fltool: `fltool.trainers.ddp.train_steps` on GPU/CPU-resident tensors with
     the trainer's index sharding -- the exact code `mode: ddp` runs.
 (b) textbook: torchvision MNIST with ToTensor/Normalize, DistributedSampler and a
     DataLoader with num_workers=0, as in PyTorch's DDP tutorial.
@@ -33,10 +33,10 @@ from fltool.data import load_dataset
 from fltool.data.datasets import cache_root
 from fltool.devices import keep_freed_host_memory
 from fltool.distributed.comm import TorchComm, under_torchrun
-from fltool.distributed.optim import make_optimizer, make_scheduler
+from fltool.trainers.ddp_optim import make_optimizer, make_scheduler
 from fltool.distributed.sharding import rank_batches
-from fltool.distributed.trainer import train_steps
-from fltool.engine.setup import seeded_model
+from fltool.trainers.ddp import train_steps
+from fltool.models.setup import seeded_model
 
 
 def parse() -> argparse.Namespace:

@@ -59,9 +59,9 @@ from fltool.algorithms.sampling import generator_for, sample_clients
 from fltool.config.schema import DataConfig, SyntheticConfig
 from fltool.data import load_dataset
 from fltool.devices import autocast_for, keep_freed_host_memory
-from fltool.engine import batched_nets
-from fltool.engine.batched_nets import make_batched_apply, supports
-from fltool.engine.cohort import ClientData, make_engine
+from fltool.engines.vectorized import batched_nets
+from fltool.engines.vectorized.batched_nets import make_batched_apply, supports
+from fltool.engines.sequential import ClientData, make_engine
 from fltool.models import build_model
 
 

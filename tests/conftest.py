@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fltool.config import Config, config_from_dict
-from fltool.engine.checkpoint import Checkpoint
+from fltool.run.checkpoint import Checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from fltool.cli import app
-from fltool.engine.metrics import read_metrics
+from fltool.run.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ def test_resume_from_the_command_line_continues_the_run(make_config, tmp_path: P
 def test_ctrl_c_says_how_to_continue_or_that_there_is_nothing_to_resume(
     make_config, interrupt_checkpoint_write, monkeypatch, tmp_path
 ):
-    import fltool.engine.federated as federated
+    import fltool.trainers.federated as federated
     from fltool.config import dump_config
 
     cfg_path = tmp_path / "tiny.yaml"
@@ -196,8 +196,8 @@ def test_a_model_too_big_for_the_inputs_fails_up_front_and_leaves_no_run(make_co
 
 
 def test_a_crash_in_set_up_leaves_no_run_behind(make_config, monkeypatch, tmp_path: Path):
-    import fltool.engine.federated as federated
-    from fltool.engine.runner import start_run
+    import fltool.trainers.federated as federated
+    from fltool.run.runner import start_run
     from fltool.ui import PlainReporter
 
     def broken(*args: object, **kwargs: object) -> None:
@@ -218,8 +218,8 @@ def test_a_crash_in_set_up_leaves_no_run_behind(make_config, monkeypatch, tmp_pa
 def test_a_failed_set_up_removes_only_what_it_created(where: str, make_config, monkeypatch, tmp_path: Path):
     """The run directory and the parents it made go; a directory that was there before
     (a neighbour's run, the user's own empty output.run_dir) stays."""
-    import fltool.engine.federated as federated
-    from fltool.engine.runner import start_run
+    import fltool.trainers.federated as federated
+    from fltool.run.runner import start_run
     from fltool.ui import PlainReporter
 
     monkeypatch.setattr(federated, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("set-up failed")))
@@ -259,8 +259,8 @@ def test_eval_rejects_an_unknown_device(tmp_path: Path):
 
 def test_the_progress_display_is_closed_however_the_run_ends(make_config, monkeypatch, tmp_path: Path):
     # a rich progress bar left running hides the cursor and garbles the Ctrl-C message
-    import fltool.engine.runner as runner
-    from fltool.engine.rundir import RunInterrupted
+    import fltool.run.runner as runner
+    from fltool.run.rundir import RunInterrupted
     from fltool.ui import PlainReporter
 
     class Recording(PlainReporter):
@@ -281,7 +281,7 @@ def test_the_progress_display_is_closed_however_the_run_ends(make_config, monkey
 
 def test_an_early_interrupted_launch_says_how_to_start_it_again(tmp_path: Path):
     from fltool.cli import interrupt_message
-    from fltool.engine.rundir import RunInterrupted
+    from fltool.run.rundir import RunInterrupted
 
     (tmp_path / "config.yaml").write_text("")  # launch keeps the run directory, without a checkpoint yet
     message = interrupt_message(RunInterrupted(tmp_path), "fltool launch --nproc 2")

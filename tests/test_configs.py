@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from fltool.cli import app
 from fltool.config import load_config
-from fltool.engine.metrics import read_metrics
+from fltool.run.metrics import read_metrics
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -15,8 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fltool.config import Config
-from fltool.engine.federated import Comm
-from fltool.engine.setup import resolve_device
+from fltool.devices import resolve_device
 from fltool.errors import FltoolError
 
 # Set by torchrun (and by the elastic agent) in every worker.
@@ -42,6 +41,25 @@ def rank_device(cfg: Config, backend: str, local_rank: int) -> torch.device:
     device = resolve_device(cfg.device)
     # gloo on a GPU machine still gives each rank its own GPU.
     return torch.device("cuda", local_rank) if device.type == "cuda" else device
+
+
+class Comm:
+    """Single-process stand-in for a process group; `fltool.distributed` subclasses it."""
+
+    rank = 0
+    world_size = 1
+    device: torch.device | None = None  # set by a distributed Comm to the rank's device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, tensors: list[Tensor]) -> None:
+        """Sum `tensors` in place across ranks."""
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+
 
 
 class TorchComm(Comm):

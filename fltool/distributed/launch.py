@@ -19,12 +19,12 @@ import torch
 
 from fltool.config import Config, dump_config, load_config
 from fltool.distributed.comm import TORCHRUN_ENV, resolve_backend, under_torchrun
-from fltool.engine.atomic import atomic_write_text
-from fltool.engine.metrics import read_metrics
-from fltool.engine.checkpoint import load_checkpoint
-from fltool.engine.resume import check_resumable, resume_config
-from fltool.engine.rundir import CONFIG_FILE, RunInterrupted, check_run_dir_available, create_run_dir, last_checkpoint
-from fltool.engine.setup import check_model_fits
+from fltool.run.atomic import atomic_write_text
+from fltool.run.metrics import read_metrics
+from fltool.run.checkpoint import load_checkpoint
+from fltool.run.resume import check_resumable, resume_config
+from fltool.run.rundir import CONFIG_FILE, RunInterrupted, check_run_dir_available, create_run_dir, last_checkpoint
+from fltool.models.setup import check_model_fits
 from fltool.errors import FltoolError
 
 WORKER_MODULE = "fltool.distributed.worker"

@@ -17,10 +17,11 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from fltool.config import load_config
 from fltool.data import load_dataset
 from fltool.distributed.comm import TorchComm
-from fltool.engine.checkpoint import Checkpoint, load_checkpoint
-from fltool.engine.federated import RunSummary, train_federated
-from fltool.engine.rundir import CONFIG_FILE, last_checkpoint
-from fltool.engine.runner import summary_dict, what_to_train
+from fltool.run.checkpoint import Checkpoint, load_checkpoint
+from fltool.trainers.federated import train_federated
+from fltool.trainers.progress import RunSummary
+from fltool.run.rundir import CONFIG_FILE, last_checkpoint
+from fltool.run.runner import summary_dict, what_to_train
 from fltool.errors import FltoolError
 from fltool.ui import PlainReporter
 
@@ -51,7 +52,7 @@ def run_worker(run_dir: Path) -> RunSummary:
             reporter.start(f"{cfg.name} (rank 0 of {comm.world_size})", str(run_dir), first, total)
         on_row = reporter.update if comm.is_main else None
         if cfg.mode == "ddp":
-            from fltool.distributed.trainer import train_ddp
+            from fltool.trainers.ddp import train_ddp
 
             summary = train_ddp(cfg, run_dir, on_row, resume, comm=comm)
         else:

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from fltool.algorithms import LocalRule, batch_schedule, client_update, rule_for
 from fltool.algorithms.local import add_proximal_gradient_, local_objective, masked_cross_entropy, proximal_term
 from fltool.config.schema import FederatedConfig
-from fltool.engine.checkpoint import load_checkpoint
-from fltool.engine.cohort import make_apply_fn
-from fltool.engine.federated import build_clients, train_federated
-from fltool.engine.rundir import create_run_dir, last_checkpoint
-from fltool.engine.setup import seeded_model
+from fltool.run.checkpoint import load_checkpoint
+from fltool.engines.sequential import make_apply_fn
+from fltool.trainers.federated import build_clients, train_federated
+from fltool.run.rundir import create_run_dir, last_checkpoint
+from fltool.models.setup import seeded_model
 from fltool.data import load_dataset
 
 

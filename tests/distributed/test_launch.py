@@ -16,10 +16,10 @@ from ddp_helpers import REPO, assert_same_model, cli_env, ddp_config, fltool_cmd
 
 from fltool.config import config_from_dict, load_config
 from fltool.distributed.launch import LaunchOptions, WorkerFailed, check_devices, launch
-from fltool.engine.checkpoint import load_checkpoint
-from fltool.engine.metrics import read_metrics
-from fltool.engine.rundir import create_run_dir
-from fltool.engine.runner import start_run
+from fltool.run.checkpoint import load_checkpoint
+from fltool.run.metrics import read_metrics
+from fltool.run.rundir import create_run_dir
+from fltool.run.runner import start_run
 from fltool.errors import FltoolError
 from fltool.ui import PlainReporter
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from fltool.config import Config, load_config
 from fltool.config.load import read_yaml_mapping
-from fltool.engine.checkpoint import Checkpoint, check_weights_fit, not_a_file
-from fltool.engine.rundir import CONFIG_FILE, last_checkpoint
+from fltool.run.checkpoint import Checkpoint, check_weights_fit, not_a_file
+from fltool.run.rundir import CONFIG_FILE, last_checkpoint
 from fltool.errors import FltoolError
 
 # dotted keys, or prefixes ending in "."

@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 
 from fltool.cli import app
 from fltool.config import dump_config
-from fltool.engine.checkpoint import check_weights_fit, load_checkpoint
-from fltool.engine.rundir import last_checkpoint
+from fltool.run.checkpoint import check_weights_fit, load_checkpoint
+from fltool.run.rundir import last_checkpoint
 from fltool.errors import FltoolError
 
 
@@ -280,7 +280,7 @@ def test_a_good_checkpoint_still_loads_and_resumes(run_dir: Path):
 
 @pytest.mark.parametrize("cap", [0, -1, 2.0, "2", True])
 def test_a_bad_chunk_cap_is_named(cap, make_config, tmp_path):
-    from fltool.engine.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+    from fltool.run.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
     from fltool.models import build_model
 
     cfg = make_config()

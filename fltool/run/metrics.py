@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fltool.engine.atomic import atomic_write_text
+from fltool.run.atomic import atomic_write_text
 
 
 class MetricsLog:

@@ -20,7 +20,7 @@ from fltool.algorithms.sampling import generator_for
 from fltool.devices import autocast_for, host_to_device
 
 if TYPE_CHECKING:
-    from fltool.engine.vectorized import VectorizedEngine
+    from fltool.engines.vectorized.engine import VectorizedEngine
 
 
 @dataclass
@@ -125,8 +125,8 @@ def make_engine(
     """`sequential`, `vectorized`, or `auto`: vectorized unless the model keeps BatchNorm
     running statistics (which one stacked forward pass cannot update per client).
     `amp` "bf16" runs the clients' forward passes under bf16 autocast."""
-    from fltool.engine.setup import has_running_stats
-    from fltool.engine.vectorized import VectorizedEngine  # imports this module
+    from fltool.models.setup import has_running_stats
+    from fltool.engines.vectorized.engine import VectorizedEngine  # imports this module
 
     if name == "auto":
         name = "sequential" if has_running_stats(model) else "vectorized"

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fltool.engine.checkpoint import load_checkpoint
-from fltool.engine.federated import train_federated
-from fltool.engine.metrics import read_metrics
-from fltool.engine.rundir import best_checkpoint, create_run_dir, last_checkpoint
-from fltool.engine.runner import resume_run
+from fltool.run.checkpoint import load_checkpoint
+from fltool.trainers.federated import train_federated
+from fltool.run.metrics import read_metrics
+from fltool.run.rundir import best_checkpoint, create_run_dir, last_checkpoint
+from fltool.run.runner import resume_run
 from fltool.ui import PlainReporter
 
 TIMING = {"wall_s", "elapsed_s"}
@@ -100,7 +100,7 @@ def test_interrupt_at_a_checkpoint_write_leaves_metrics_not_ahead_of_it(make_con
     """Ctrl-C can land just before or just after a round's checkpoint is written. The
     metrics on disk may then lag the last checkpoint (which carries its own rows), never
     lead it, and resume repairs them."""
-    import fltool.engine.federated as federated
+    import fltool.trainers.federated as federated
 
     cfg = make_config(federated={"rounds": 4})
     full = run(cfg)
@@ -200,7 +200,7 @@ def test_a_diverged_run_writes_strict_json(make_config):
 def test_a_resume_keeps_the_chunk_size_an_out_of_memory_split_set(make_config, monkeypatch):
     """A transient out-of-memory in round 1 halves the vectorized engine's chunks for the
     rest of the run; a resumed run must keep them halved (they set the summation order)."""
-    from fltool.engine.vectorized import VectorizedEngine
+    from fltool.engines.vectorized.engine import VectorizedEngine
 
     real_train_chunk, chunk_sizes = VectorizedEngine.train_chunk, []
 

@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from fltool.config import Config, dump_config
-from fltool.engine.atomic import atomic_write_text
-from fltool.engine.checkpoint import Checkpoint, load_checkpoint
-from fltool.engine.federated import RunSummary, target_reached_at, train_federated
-from fltool.engine.resume import check_resumable, resume_config
-from fltool.engine.rundir import (
+from fltool.run.atomic import atomic_write_text
+from fltool.run.checkpoint import Checkpoint, load_checkpoint
+from fltool.trainers.federated import train_federated
+from fltool.trainers.progress import RunSummary, target_reached_at
+from fltool.run.resume import check_resumable, resume_config
+from fltool.run.rundir import (
     CONFIG_FILE,
     RunInterrupted,
     create_run_dir,
@@ -19,7 +20,7 @@ from fltool.engine.rundir import (
     missing_dirs,
     run_dir_base,
 )
-from fltool.engine.setup import check_model_fits
+from fltool.models.setup import check_model_fits
 from fltool.errors import FltoolError
 from fltool.ui import PlainReporter
 
@@ -54,7 +55,7 @@ def run(cfg: Config, run_dir: Path, reporter: PlainReporter, resume: Checkpoint 
     try:
         reporter.start(cfg.name, str(run_dir), first, total)
         if cfg.mode == "ddp":
-            from fltool.distributed.trainer import train_ddp
+            from fltool.trainers.ddp import train_ddp
 
             summary = train_ddp(cfg, run_dir, reporter.update, resume)
         else:

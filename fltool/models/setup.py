@@ -15,20 +15,6 @@ from fltool.models import build_model
 LARGEST_SIDE_TRIED = 256  # when telling the smallest input a model takes
 
 
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def resolve_device(name: str, key: str = "device") -> torch.device:
-    """`auto`, `cpu` or `cuda` as a torch device; `key` is where the user set it, for errors."""
-    if name not in DEVICES:
-        raise FltoolError(f"{key}: must be one of {', '.join(DEVICES)}; got {name!r}")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FltoolError(f"{key}: cuda was asked for but no CUDA device is visible; use auto or cpu")
-    return torch.device(name)
-
-
 def seeded_model(cfg: Config, dataset: Dataset, device: torch.device) -> nn.Module:
     """The initial global model: the same weights for the same seed, on any rank."""
     torch.manual_seed(cfg.seed)

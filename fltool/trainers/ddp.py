@@ -26,17 +26,18 @@ from fltool.algorithms import derive_seed
 from fltool.config import Config
 from fltool.data import load_dataset
 from fltool.devices import autocast_for, keep_freed_host_memory
-from fltool.distributed.comm import broadcast_from_main
+from fltool.distributed.comm import Comm, broadcast_from_main
 from fltool.distributed.faults import maybe_inject_fault
-from fltool.distributed.optim import make_optimizer, make_scheduler, resume_schedule, schedule_rule
+from fltool.trainers.ddp_optim import make_optimizer, make_scheduler, resume_schedule, schedule_rule
 from fltool.distributed.sharding import rank_batches, steps_per_epoch
-from fltool.engine.checkpoint import Checkpoint, make_checkpoint, save_checkpoint
-from fltool.engine.evaluate import evaluate
-from fltool.engine.federated import Comm, RunSummary, summarize, target_reached_at
-from fltool.engine.metrics import MetricsLog
-from fltool.engine.resume import check_resumable
-from fltool.engine.rundir import best_checkpoint, last_checkpoint
-from fltool.engine.setup import resolve_device, seeded_model
+from fltool.run.checkpoint import Checkpoint, make_checkpoint, save_checkpoint
+from fltool.trainers.evaluate import evaluate
+from fltool.trainers.progress import RunSummary, summarize, target_reached_at
+from fltool.run.metrics import MetricsLog
+from fltool.run.resume import check_resumable
+from fltool.run.rundir import best_checkpoint, last_checkpoint
+from fltool.devices import resolve_device
+from fltool.models.setup import seeded_model
 
 RowCallback = Callable[[dict[str, Any]], None]
 

@@ -11,18 +11,18 @@ import torch
 from torch import nn
 
 from fltool.algorithms import LocalRule
-from fltool.engine import batched_nets, step_graph
-from fltool.engine.checkpoint import load_checkpoint
-from fltool.engine.cohort import ClientData, SequentialEngine
-from fltool.engine.metrics import read_metrics
-from fltool.engine.rundir import last_checkpoint
-from fltool.engine.runner import resume_run
-from fltool.engine.vectorized import VectorizedEngine
+from fltool.engines.vectorized import batched_nets, step_graph
+from fltool.run.checkpoint import load_checkpoint
+from fltool.engines.sequential import ClientData, SequentialEngine
+from fltool.run.metrics import read_metrics
+from fltool.run.rundir import last_checkpoint
+from fltool.run.runner import resume_run
+from fltool.engines.vectorized.engine import VectorizedEngine
 from fltool.models import build_model
 from fltool.ui import PlainReporter
 
 from .test_amp import relative_update_error
-from .test_federated import interrupted_run, run, strip_timing
+from ..trainers.test_federated import interrupted_run, run, strip_timing
 from .test_vectorized import RULES, SIZES, assert_same, global_params, make_clients
 
 pytestmark = pytest.mark.gpu

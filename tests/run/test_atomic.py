@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fltool.engine import atomic
-from fltool.engine.atomic import atomic_write_text
+from fltool.run import atomic
+from fltool.run.atomic import atomic_write_text
 
 
 def test_writes_the_file_with_the_mode_the_umask_gives(tmp_path: Path) -> None:

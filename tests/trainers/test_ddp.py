@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from fltool.config import config_from_dict
-from fltool.engine.checkpoint import load_checkpoint
-from fltool.engine.runner import resume_run, start_run
+from fltool.run.checkpoint import load_checkpoint
+from fltool.run.runner import resume_run, start_run
 from fltool.ui import PlainReporter
 
 from ddp_helpers import REPO, assert_same_model, ddp_config, load_model, run_cli
@@ -55,7 +55,7 @@ def test_resuming_with_more_epochs_runs_the_stretched_schedule_from_the_first_st
     resumed step runs at the 3-epoch rule's rate, not at the old schedule's last one."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    from fltool.distributed.optim import schedule_rule
+    from fltool.trainers.ddp_optim import schedule_rule
 
     cfg = _cfg(tmp_path, "short", epochs=2, warmup_steps=0)
     done = start_run(cfg, PlainReporter("epoch"))
@@ -75,7 +75,7 @@ def test_resuming_with_more_epochs_runs_the_stretched_schedule_from_the_first_st
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_interrupt_at_a_checkpoint_write_leaves_metrics_not_ahead_of_it(tmp_path, interrupt_checkpoint_write, when):
     """As for federated runs (tests/engine/test_federated.py)."""
-    import fltool.distributed.trainer as trainer
+    import fltool.trainers.ddp as trainer
 
     interrupt_checkpoint_write(trainer, 2, when)
     cut = _cfg(tmp_path, "cut", epochs=3)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from fltool.algorithms import LocalRule
-from fltool.engine.batched_step import BatchedCrossEntropy, ChunkPlan, match_layout, step_grads, step_update
+from fltool.engines.vectorized.batched_step import BatchedCrossEntropy, ChunkPlan, match_layout, step_grads, step_update
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuBLAS/cuDNN handles, autograd)
 MAX_CACHED = 4  # graphs kept per engine: a cohort's chunks take at most two shapes

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from fltool.config import Config, config_from_dict, config_to_dict
 from fltool.data import data_shape
-from fltool.engine.atomic import atomic_torch_save
+from fltool.run.atomic import atomic_torch_save
 from fltool.errors import FltoolError
 from fltool.models import build_model
 

@@ -49,12 +49,12 @@ from torch.func import vmap
 from fltool.algorithms import LocalRule, WeightedSum, derive_seed
 from fltool.algorithms.local import masked_cross_entropy
 from fltool.devices import host_to_device
-from fltool.engine.batched_nets import make_batched_apply, supports
-from fltool.engine.batched_step import BatchedCrossEntropy, ChunkPlan, match_layout, plan_chunk, step_grads, step_update
-from fltool.engine.chunking import auto_chunk_size, device_memory_budget
-from fltool.engine.cohort import ClientData, CohortResult, make_apply_fn, with_amp
-from fltool.engine.setup import has_running_stats
-from fltool.engine.step_graph import StepGraphCache
+from fltool.engines.vectorized.batched_nets import make_batched_apply, supports
+from fltool.engines.vectorized.batched_step import BatchedCrossEntropy, ChunkPlan, match_layout, plan_chunk, step_grads, step_update
+from fltool.engines.vectorized.chunking import auto_chunk_size, device_memory_budget
+from fltool.engines.sequential import ClientData, CohortResult, make_apply_fn, with_amp
+from fltool.models.setup import has_running_stats
+from fltool.engines.vectorized.step_graph import StepGraphCache
 from fltool.errors import FltoolError
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fltool.data import TensorSplit
-from fltool.engine.evaluate import evaluate
+from fltool.trainers.evaluate import evaluate
 
 
 def test_loss_accuracy_and_per_class_accuracy_match_a_direct_computation() -> None:
@@ -66,7 +66,7 @@ def test_eval_prints_a_class_without_test_examples_as_unmeasured(capsys) -> None
 
 def test_a_conv_model_is_evaluated_as_a_channels_last_copy_on_cpu() -> None:
     """The copy gives the default layout's result; the model keeps its layout and mode."""
-    from fltool.engine import evaluate as evaluate_module
+    from fltool.trainers import evaluate as evaluate_module
     from fltool.models import build_model
 
     torch.manual_seed(0)

@@ -18,8 +18,8 @@ from torch.nn.utils.rnn import pad_sequence
 from fltool.algorithms import LocalRule
 from fltool.algorithms.local import add_proximal_gradient_
 from fltool.devices import host_to_device
-from fltool.engine.batched_nets import LowRankGrad, collect_low_rank_grads
-from fltool.engine.cohort import ClientData, client_epoch_orders
+from fltool.engines.vectorized.batched_nets import LowRankGrad, collect_low_rank_grads
+from fltool.engines.sequential import ClientData, client_epoch_orders
 
 # (stacked params, x (M,B,...), y (M,B), mask (M,B)) -> cross-entropy per client (M,)
 BatchedCrossEntropy = Callable[[tuple[Tensor, ...], Tensor, Tensor, Tensor], Tensor]

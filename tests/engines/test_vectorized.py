@@ -10,14 +10,14 @@ from torch import nn
 
 from fltool.algorithms import LocalRule
 from fltool.config import config_from_dict
-from fltool.engine.batched_nets import make_batched_apply, supports
-from fltool.engine.batched_step import plan_chunk
-from fltool.engine.chunking import auto_chunk_size, step_bytes_per_client
-from fltool.engine.checkpoint import load_checkpoint
-from fltool.engine.cohort import ClientData, SequentialEngine, client_batches, make_apply_fn, make_engine
-from fltool.engine.federated import train_federated
-from fltool.engine.rundir import last_checkpoint
-from fltool.engine.vectorized import VectorizedEngine, chunks
+from fltool.engines.vectorized.batched_nets import make_batched_apply, supports
+from fltool.engines.vectorized.batched_step import plan_chunk
+from fltool.engines.vectorized.chunking import auto_chunk_size, step_bytes_per_client
+from fltool.run.checkpoint import load_checkpoint
+from fltool.engines.sequential import ClientData, SequentialEngine, client_batches, make_apply_fn, make_engine
+from fltool.trainers.federated import train_federated
+from fltool.run.rundir import last_checkpoint
+from fltool.engines.vectorized.engine import VectorizedEngine, chunks
 from fltool.errors import FltoolError
 from fltool.models import build_model
 
@@ -63,7 +63,7 @@ def test_cohort_matches_sequential(mode: str, model_name: str) -> None:
 @pytest.mark.parametrize("mode", RULES)
 def test_cohort_matches_sequential_with_every_dense_layer_batched(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU's BatchedLinear (used for large layers only) trains the same cohort."""
-    from fltool.engine import batched_nets
+    from fltool.engines.vectorized import batched_nets
 
     monkeypatch.setattr(batched_nets, "BATCHED_LINEAR_MIN_WEIGHTS", 0)
     torch.manual_seed(0)
@@ -309,8 +309,8 @@ def test_a_chunk_out_of_device_memory_is_split_and_retried(monkeypatch) -> None:
 def test_a_low_rank_gradient_updates_as_its_product_would(mode: str) -> None:
     """`step_update` given a LowRankGrad (one GEMM into the weights; materialised first
     for FedProx's term) equals the update with the full gradient, finished clients still."""
-    from fltool.engine.batched_nets import LowRankGrad
-    from fltool.engine.batched_step import step_update
+    from fltool.engines.vectorized.batched_nets import LowRankGrad
+    from fltool.engines.vectorized.batched_step import step_update
 
     g = torch.Generator().manual_seed(0)
     w, bias = torch.randn(3, 4, 6, generator=g), torch.randn(3, 4, generator=g)
@@ -331,7 +331,7 @@ def test_a_low_rank_gradient_updates_as_its_product_would(mode: str) -> None:
 def test_bias_free_dense_layers_first_in_the_model_train_as_in_sequential(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """BatchedLinear layers whose input needs no gradient and that have no bias: nothing
     of theirs but the weight is differentiated, so they hand back a full gradient."""
-    from fltool.engine import batched_nets
+    from fltool.engines.vectorized import batched_nets
 
     monkeypatch.setattr(batched_nets, "BATCHED_LINEAR_MIN_WEIGHTS", 0)
     torch.manual_seed(0)

@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from fltool.cli import app
 from fltool.config import load_config
-from fltool.engine import batched_nets
-from fltool.engine.cohort import SequentialEngine, make_apply_fn, with_amp
-from fltool.engine.metrics import read_metrics
-from fltool.engine.vectorized import VectorizedEngine
+from fltool.engines.vectorized import batched_nets
+from fltool.engines.sequential import SequentialEngine, make_apply_fn, with_amp
+from fltool.run.metrics import read_metrics
+from fltool.engines.vectorized.engine import VectorizedEngine
 from fltool.models import build_model
 
 from .test_vectorized import RULES, SIZES, global_params, make_clients
@@ -116,7 +116,7 @@ def test_bf16_cnn_learns_real_mnist(mnist_root: Path, tmp_path: Path) -> None:
 def test_bf16_on_cpu_sizes_chunks_to_twice_the_working_set() -> None:
     """The McMahan CNN on 28x28 inputs: 3 clients a chunk in fp32 (48 MiB), 5 under bf16
     (96 MiB), the size the 2026-12-01 CPU runs favoured."""
-    from fltool.engine.chunking import CPU_BF16_WORKING_SET_BYTES, CPU_WORKING_SET_BYTES, device_memory_budget
+    from fltool.engines.vectorized.chunking import CPU_BF16_WORKING_SET_BYTES, CPU_WORKING_SET_BYTES, device_memory_budget
 
     cpu = torch.device("cpu")
     assert device_memory_budget(cpu, "bf16") == CPU_BF16_WORKING_SET_BYTES == 2 * CPU_WORKING_SET_BYTES

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from fltool.engine import batched_nets
+from fltool.engines.vectorized import batched_nets
 
 REPO = Path(__file__).resolve().parents[2]
 

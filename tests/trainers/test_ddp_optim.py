@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fltool.config.schema import DDPConfig
-from fltool.distributed.optim import WarmupCosine, make_optimizer, make_scheduler, resume_schedule, schedule_rule
+from fltool.trainers.ddp_optim import WarmupCosine, make_optimizer, make_scheduler, resume_schedule, schedule_rule
 
 
 @pytest.mark.parametrize(

@@ -9,56 +9,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from fltool.algorithms import rule_for, sample_clients, server_update
 from fltool.algorithms.sampling import generator_for
 from fltool.config import Config
 from fltool.data import load_dataset, partition
 from fltool.devices import keep_freed_host_memory
-from fltool.engine.checkpoint import Checkpoint, make_checkpoint, save_checkpoint
-from fltool.engine.cohort import ClientData, SequentialEngine, make_engine
-from fltool.engine.evaluate import evaluate
-from fltool.engine.metrics import MetricsLog
-from fltool.engine.rundir import best_checkpoint, last_checkpoint
-from fltool.engine.setup import resolve_device, seeded_model
-from fltool.engine.vectorized import VectorizedEngine
-
-
-class Comm:
-    """Single-process stand-in for a process group; `fltool.distributed` subclasses it."""
-
-    rank = 0
-    world_size = 1
-    device: torch.device | None = None  # set by a distributed Comm to the rank's device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_sum(self, tensors: list[Tensor]) -> None:
-        """Sum `tensors` in place across ranks."""
-
-    def barrier(self) -> None:
-        """Wait for every rank."""
-
-
-@dataclass
-class RunSummary:
-    run_dir: Path
-    rounds_completed: int
-    final_accuracy: float | None
-    final_loss: float | None
-    best_accuracy: float | None
-    target_round: int | None
-    wall_s: float  # training only: setup (data, model) is in setup_s
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    setup_s: float = 0.0
+from fltool.distributed.comm import Comm
+from fltool.trainers.progress import RunSummary, summarize, target_reached_at
+from fltool.run.checkpoint import Checkpoint, make_checkpoint, save_checkpoint
+from fltool.engines.sequential import ClientData, SequentialEngine, make_engine
+from fltool.trainers.evaluate import evaluate
+from fltool.run.metrics import MetricsLog
+from fltool.run.rundir import best_checkpoint, last_checkpoint
+from fltool.devices import resolve_device
+from fltool.models.setup import seeded_model
+from fltool.engines.vectorized.engine import VectorizedEngine
 
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -178,33 +148,3 @@ def restore_engine(engine: SequentialEngine | VectorizedEngine, extra: dict[str,
         engine.oom_cap = extra.get("chunk_cap")
 
 
-def target_reached_at(rows: list[dict[str, Any]], unit: str, target: float | None) -> int | None:
-    """The first round (epoch) of `rows` whose test accuracy met `target`."""
-    if target is None:
-        return None
-    return next((r[unit] for r in rows if r["test_accuracy"] is not None and r["test_accuracy"] >= target), None)
-
-
-def summarize(
-    run_dir: Path,
-    rows: list[dict[str, Any]],
-    unit: str,
-    best: float | None,
-    target: float | None,
-    t_setup: float,
-    t0: float,
-) -> RunSummary:
-    """The run's summary from its metric rows (all of them, a resumed run's earlier ones
-    too); shared by the federated and DDP trainers."""
-    evaluated = [row for row in rows if row["test_accuracy"] is not None]
-    return RunSummary(
-        run_dir=run_dir,
-        rounds_completed=rows[-1][unit] if rows else 0,
-        final_accuracy=evaluated[-1]["test_accuracy"] if evaluated else None,
-        final_loss=evaluated[-1]["test_loss"] if evaluated else None,
-        best_accuracy=best,
-        target_round=target_reached_at(rows, unit, target),
-        wall_s=time.perf_counter() - t0,
-        metrics=rows,
-        setup_s=t0 - t_setup,
-    )

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from fltool.config import Config, dump_config
-from fltool.engine.atomic import atomic_write_text
+from fltool.run.atomic import atomic_write_text
 from fltool.errors import FltoolError
 
 CONFIG_FILE = "config.yaml"

@@ -8,10 +8,10 @@ from typing import Any
 
 from fltool.data import load_dataset
 from fltool.devices import keep_freed_host_memory
-from fltool.engine.checkpoint import check_weights_fit, load_checkpoint
-from fltool.engine.evaluate import evaluate
-from fltool.engine.rundir import last_checkpoint
-from fltool.engine.setup import resolve_device
+from fltool.run.checkpoint import check_weights_fit, load_checkpoint
+from fltool.trainers.evaluate import evaluate
+from fltool.run.rundir import last_checkpoint
+from fltool.devices import resolve_device
 from fltool.errors import FltoolError
 from fltool.models import build_model
 

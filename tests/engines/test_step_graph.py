@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from fltool.engine.cohort import SequentialEngine
-from fltool.engine.step_graph import capacity
-from fltool.engine.vectorized import VectorizedEngine
+from fltool.engines.sequential import SequentialEngine
+from fltool.engines.vectorized.step_graph import capacity
+from fltool.engines.vectorized.engine import VectorizedEngine
 from fltool.models import build_model
 
 from .test_vectorized import RULES, assert_same, global_params, make_clients
