@@ -1,15 +1,35 @@
-from fltool.algorithms.aggregate import WeightedSum, server_update, weighted_average
-from fltool.algorithms.local import LocalRule, batch_schedule, client_update, rule_for
+"""Federated algorithms, one file each, registered by name (see `api` for the hooks).
+
+Importing this package registers the built-ins: algorithms, server optimizers and
+aggregators, which the config's `algorithm`, `server_optimizer` and `aggregator`
+sections choose from.
+"""
+
+from fltool.algorithms import aggregators, fedavg, fednova, fedprox, fedsgd, scaffold, server_optimizers
+from fltool.algorithms.api import Aggregate, ClientInfo, LocalRule, Stacked, Upload
+from fltool.algorithms.client_state import ClientStore
+from fltool.algorithms.fedavg import FedAvg
 from fltool.algorithms.sampling import derive_seed, sample_clients
+from fltool.config.registry import AGGREGATORS, ALGORITHMS, SERVER_OPTIMIZERS
 
 __all__ = [
+    "AGGREGATORS",
+    "ALGORITHMS",
+    "SERVER_OPTIMIZERS",
+    "Aggregate",
+    "ClientInfo",
+    "ClientStore",
+    "FedAvg",
     "LocalRule",
-    "WeightedSum",
-    "batch_schedule",
-    "client_update",
+    "Stacked",
+    "Upload",
+    "aggregators",
     "derive_seed",
-    "rule_for",
+    "fedavg",
+    "fednova",
+    "fedprox",
+    "fedsgd",
     "sample_clients",
-    "server_update",
-    "weighted_average",
+    "scaffold",
+    "server_optimizers",
 ]

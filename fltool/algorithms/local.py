@@ -1,38 +1,21 @@
-"""The client update rule: E epochs of minibatch SGD, optionally with FedProx's term.
-
-FedAvg, FedSGD and FedProx differ only in the `LocalRule` they build (see `rule_for`).
-Functions here are pure: they take tensors and return tensors; they never print or
-touch files.
+"""One client's local training, as the sequential engine runs it: E epochs of minibatch
+SGD on the masked cross-entropy, each step's gradients handed to the algorithm's
+`adjust_gradients_` first. Pure: tensors in, tensors out; nothing printed or written.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fltool.config.schema import FederatedConfig
+from fltool.algorithms.api import LocalRule, Stacked
+from fltool.algorithms.fedavg import FedAvg
 
 # apply_fn(params, x) -> logits; params in the order of model.parameters()
 ApplyFn = Callable[[Sequence[Tensor], Tensor], Tensor]
-
-
-@dataclass(frozen=True)
-class LocalRule:
-    epochs: int
-    batch_size: int | None  # None: full batch
-    lr: float
-    mu: float = 0.0  # FedProx: adds mu/2 * ||w - w_global||^2 to the local loss
-
-
-def rule_for(mode: str, fed: FederatedConfig) -> LocalRule:
-    if mode == "fedsgd":  # one full-batch gradient step per client
-        return LocalRule(epochs=1, batch_size=None, lr=fed.lr)
-    mu = fed.mu if mode == "fedprox" else 0.0
-    return LocalRule(epochs=fed.local_epochs, batch_size=fed.batch_size, lr=fed.lr, mu=mu)
 
 
 def steps_per_epoch(n: int, batch_size: int | None) -> int:
@@ -55,11 +38,6 @@ def batch_schedule(n: int, rule: LocalRule, generator: torch.Generator) -> list[
     return [batch for order in orders for batch in order.split(rule.batch_size)]
 
 
-def proximal_term(params: Sequence[Tensor], anchor: Sequence[Tensor], mu: float) -> Tensor:
-    """mu/2 * ||w - w_global||^2; its gradient is mu * (w - w_global)."""
-    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-
-
 def masked_cross_entropy(logits: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean cross-entropy over the real examples of a batch.
 
@@ -76,33 +54,10 @@ def masked_cross_entropy(logits: Tensor, y: Tensor, mask: Tensor | None = None) 
     return (per_example * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
 
 
-def add_proximal_gradient_(
-    grads: list[Tensor], params: Sequence[Tensor], anchor: Sequence[Tensor], mu: float, active: Tensor | None = None
-) -> None:
-    """grads += mu * (w - w_global), the gradient of `proximal_term`, without an autograd
-    graph. For client-stacked params (client dim 0, anchor without it), `active` (one
-    0/1 per client) keeps the term off clients whose schedule has ended."""
-    if active is None:
-        torch._foreach_add_(grads, torch._foreach_sub(list(params), list(anchor)), alpha=mu)
-        return
-    for g, p, a in zip(grads, params, anchor, strict=True):
-        g.add_((p - a) * active.view(-1, *[1] * a.dim()), alpha=mu)
-
-
-def local_objective(
-    apply_fn: ApplyFn,
-    params: Sequence[Tensor],
-    anchor: Sequence[Tensor],
-    x: Tensor,
-    y: Tensor,
-    mu: float,
-    mask: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """(loss to differentiate, plain cross-entropy for reporting): the definition the
-    engines implement. They differentiate only the cross-entropy and add the proximal
-    term's gradient directly (`add_proximal_gradient_`); tests check the two agree."""
-    ce = masked_cross_entropy(apply_fn(params, x), y, mask)
-    return (ce + proximal_term(params, anchor, mu) if mu > 0 else ce), ce
+def full_gradient(apply_fn: ApplyFn, params: Sequence[Tensor], x: Tensor, y: Tensor) -> list[Tensor]:
+    """The gradient of the mean cross-entropy over all of (x, y) at `params`."""
+    weights = [p.detach().requires_grad_(True) for p in params]
+    return [g.detach() for g in torch.autograd.grad(masked_cross_entropy(apply_fn(weights, x), y), weights)]
 
 
 def client_update(
@@ -110,24 +65,28 @@ def client_update(
     global_params: Sequence[Tensor],
     x: Tensor,
     y: Tensor,
-    rule: LocalRule,
+    algorithm: FedAvg,
     batches: Sequence[Tensor],
+    context: Stacked,
 ) -> tuple[list[Tensor], Tensor]:
     """Run the local rule from `global_params` on one client's (x, y).
 
     Returns the client's new parameters and the sum of its minibatch cross-entropies
-    (a tensor, so no host sync happens here).
+    (a tensor, so no host sync happens here). The algorithm's hooks see the client as a
+    stack of one (client dim 0), as the vectorized engine's see a chunk.
     """
     anchor = [p.detach() for p in global_params]
     params = [p.detach().clone().requires_grad_(True) for p in global_params]
     loss_sum = torch.zeros((), device=x.device)
+    active = torch.ones(1, device=x.device)
     for idx in batches:
         idx = idx.to(x.device, non_blocking=True)
         ce = masked_cross_entropy(apply_fn(params, x[idx]), y[idx])
         grads = list(torch.autograd.grad(ce, params))
         with torch.no_grad():
-            if rule.mu > 0:
-                add_proximal_gradient_(grads, params, anchor, rule.mu)
-            torch._foreach_add_(params, grads, alpha=-rule.lr)
+            if algorithm.adjusts_gradients:
+                one = [p.unsqueeze(0) for p in params]
+                algorithm.adjust_gradients_([g.unsqueeze(0) for g in grads], one, anchor, context, active)
+            torch._foreach_add_(params, grads, alpha=-algorithm.rule.lr)
         loss_sum = loss_sum + ce.detach()
     return [p.detach() for p in params], loss_sum

@@ -18,7 +18,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from fltool.config.schema import Config, SyntheticConfig
+from fltool.config import registry
+from fltool.config.schema import REGISTRY_SECTIONS, Config, SyntheticConfig
 from fltool.config.yaml12 import DuplicateKeys, Yaml12Dumper, parse_yaml
 from fltool.errors import FltoolError
 
@@ -26,6 +27,13 @@ MNIST_TRAIN_SIZE = 60_000  # MNIST and FashionMNIST alike
 INT_MAX = 2**63 - 1  # torch indexes and counts with int64; a larger count fails deep inside it
 # Values in one synthetic tensor (train set, test set, class prototypes): 8 GiB of float32.
 SYNTHETIC_MAX_VALUES = 2**31
+
+# settings that moved when the algorithm became its own section: the message says where
+LEGACY_MODES = ("fedavg", "fedsgd", "fedprox")
+RENAMED = {
+    "federated.mu": "algorithm.mu (with algorithm.name: fedprox)",
+    "federated.server_lr": "server_optimizer.lr",
+}
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read `path` (or start from defaults when None), apply `key=value` overrides, validate."""
@@ -162,6 +170,9 @@ def _build(cls: type, raw: Any, prefix: str, source: str, prov: dict[str, str], 
     for key in raw:
         if key not in fields:
             dotted = f"{prefix}{key}"
+            if dotted in RENAMED:
+                errors.append(f"{_source_of(dotted, source, prov)}: {dotted}: is now {RENAMED[dotted]}")
+                continue
             # A mapping value is a misspelt section, a scalar a misspelt setting.
             candidates = [n for n in fields if dataclasses.is_dataclass(hints[n]) == isinstance(raw[key], dict)]
             close = difflib.get_close_matches(str(key), candidates or list(fields), n=1)
@@ -169,11 +180,20 @@ def _build(cls: type, raw: Any, prefix: str, source: str, prov: dict[str, str], 
             errors.append(f"{_source_of(dotted, source, prov)}: {dotted}: unknown key{hint}")
     kwargs = {}
     for name, f in fields.items():
+        if not prefix and name in REGISTRY_SECTIONS:  # by its name's class, given or not
+            kwargs[name] = _build_choice(name, f, raw.get(name, {}), source, prov, errors)
+            continue
         if name not in raw:
             continue
         dotted = f"{prefix}{name}"
         src = _source_of(dotted, source, prov)
         tp = hints[name]
+        if not prefix and name == "mode" and raw[name] in LEGACY_MODES:
+            errors.append(
+                f"{src}: mode: {raw[name]} is an algorithm now; write mode: federated and "
+                f"algorithm: {{name: {raw[name]}}}"
+            )
+            continue
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, raw[name], dotted + ".", source, prov, errors)
             continue
@@ -190,6 +210,33 @@ def _build(cls: type, raw: Any, prefix: str, source: str, prov: dict[str, str], 
             continue
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _build_choice(section: str, f: dataclasses.Field, raw: Any, source: str, prov: dict[str, str], errors: list[str]):
+    """A section whose class its `name` picks from a registry (after importing the
+    algorithm's `plugin`, which may register that name)."""
+    default = f.default_factory()  # type: ignore[misc]
+    src = _source_of(section, source, prov)
+    if not isinstance(raw, dict):
+        errors.append(f"{src}: {section}: expected a mapping, got {_show(raw)}")
+        return default
+    choices = getattr(registry, REGISTRY_SECTIONS[section])
+    plugin = raw.get("plugin") if hasattr(default, "plugin") else None
+    if plugin is not None:
+        if not isinstance(plugin, str) or not plugin:
+            errors.append(f"{_source_of(section + '.plugin', source, prov)}: {section}.plugin: expected a module name, got {_show(plugin)}")
+            return default
+        try:
+            registry.import_plugin(plugin, f"{_source_of(section + '.plugin', source, prov)}: {section}.plugin")
+        except FltoolError as exc:
+            errors.extend(exc.lines)
+            return default
+    name = raw.get("name", default.name)
+    if not isinstance(name, str) or name not in choices.names():
+        where = _source_of(section + ".name", source, prov)
+        errors.append(f"{where}: {section}.name: must be one of {', '.join(choices.names())}; got {_show(name)}")
+        return default
+    return _build(choices.config_class(name), raw, section + ".", source, prov, errors)
 
 
 def _coerce(value: Any, tp: Any, allowed: str = "") -> tuple[Any, str | None]:

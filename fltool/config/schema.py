@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-Mode = Literal["fedavg", "fedsgd", "fedprox", "ddp"]
+Mode = Literal["federated", "ddp"]
 
 
 def _check(pred, text: str) -> dict:
@@ -62,8 +62,6 @@ class FederatedConfig:
     local_epochs: int = field(default=1, metadata=AT_LEAST_ONE)  # E
     batch_size: int | None = field(default=10, metadata=AT_LEAST_ONE)  # B; null = full batch
     lr: float = field(default=0.1, metadata=POSITIVE)  # client learning rate
-    server_lr: float = field(default=1.0, metadata=POSITIVE)
-    mu: float = field(default=0.0, metadata=NON_NEGATIVE)  # FedProx proximal weight
     engine: Literal["sequential", "vectorized", "auto"] = "sequential"
     # vectorized engine: clients trained at once per chunk; null = as many as a memory budget holds
     max_parallel_clients: int | None = field(default=None, metadata=AT_LEAST_ONE)
@@ -71,6 +69,36 @@ class FederatedConfig:
     cuda_graphs: bool = True
     # clients' forward passes under bf16 autocast; weights, gradients, updates and evaluation stay fp32
     amp: Literal["none", "bf16"] = "none"
+
+
+@dataclass
+class AlgorithmConfig:
+    """The federated algorithm, by name; each algorithm subclasses this with its own
+    hyperparameters (`FedProxConfig` adds mu), and its file registers the pair."""
+
+    name: str = "fedavg"
+    plugin: str | None = None  # a module to import first, which registers more algorithms
+
+
+@dataclass
+class ServerOptimizerConfig:
+    """How the server applies the cohort's averaged update (Reddi et al. 2021): by name,
+    each optimizer subclassing this with its own settings."""
+
+    name: str = "sgd"
+    lr: float = field(default=1.0, metadata=POSITIVE)  # eta; sgd at 1.0 is plain FedAvg
+
+
+@dataclass
+class AggregatorConfig:
+    """How the clients' updates are combined: `mean` (weighted, streamed) or one that
+    needs every update at once (`median`)."""
+
+    name: str = "mean"
+
+
+# sections whose class is chosen by their `name` key (see `fltool.config.registry`)
+REGISTRY_SECTIONS = {"algorithm": "ALGORITHMS", "server_optimizer": "SERVER_OPTIMIZERS", "aggregator": "AGGREGATORS"}
 
 
 @dataclass
@@ -112,12 +140,15 @@ class Config:
         default="experiment",
         metadata=_check(lambda v: v not in ("", ".", "..") and not set("/\\") & set(v), "a non-empty name without '/' or '\\'"),
     )
-    mode: Mode = "fedavg"
+    mode: Mode = "federated"
     seed: int = field(default=0, metadata=_check(lambda v: 0 <= v < 2**63, "in [0, 2**63)"))  # torch's seed range
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

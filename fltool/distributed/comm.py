@@ -7,6 +7,7 @@ torchrun puts RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous store in the envir
 from __future__ import annotations
 
 import gc
+import math
 import os
 from datetime import timedelta
 
@@ -57,6 +58,11 @@ class Comm:
     def all_reduce_sum(self, tensors: list[Tensor]) -> None:
         """Sum `tensors` in place across ranks."""
 
+    def all_gather_rows(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Each tensor's rows (dim 0) from every rank, concatenated in rank order; every
+        tensor of the list has the same number of rows on a rank."""
+        return tensors
+
     def barrier(self) -> None:
         """Wait for every rank."""
 
@@ -105,6 +111,29 @@ class TorchComm(Comm):
             n = t.numel()
             t.copy_(flat[offset : offset + n].view_as(t))
             offset += n
+
+    def all_gather_rows(self, tensors: list[Tensor]) -> list[Tensor]:
+        if self.world_size == 1 or not tensors:
+            return tensors
+        # one float64 matrix of rows (exact for float32 values and ids below 2**53),
+        # padded to the most rows any rank has: one collective for the counts, one for the rows
+        rows = tensors[0].shape[0]
+        flat = torch.cat([t.reshape(rows, math.prod(t.shape[1:])).to(torch.float64) for t in tensors], dim=1)
+        counts = torch.zeros(self.world_size, dtype=torch.int64, device=flat.device)
+        counts[self.rank] = rows
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        counts_list = counts.tolist()
+        padded = torch.zeros((max(counts_list), flat.shape[1]), dtype=torch.float64, device=flat.device)
+        padded[:rows] = flat
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(gathered, padded)
+        everyone = torch.cat([g[:c] for g, c in zip(gathered, counts_list, strict=True)])
+        out, at = [], 0
+        for t in tensors:
+            width = math.prod(t.shape[1:])
+            out.append(everyone[:, at : at + width].to(t.dtype).reshape(-1, *t.shape[1:]))
+            at += width
+        return out
 
     def min_max(self, value: int) -> tuple[int, int]:
         """The smallest and largest `value` over all ranks (one collective)."""

@@ -9,7 +9,7 @@ from fltool.config import Config, dump_config
 from fltool.run.atomic import atomic_write_text
 from fltool.run.checkpoint import Checkpoint, load_checkpoint
 from fltool.trainers.federated import train_federated
-from fltool.trainers.progress import RunSummary, target_reached_at
+from fltool.trainers.progress import Progress, RunSummary
 from fltool.run.resume import check_resumable, resume_config
 from fltool.run.rundir import (
     CONFIG_FILE,
@@ -41,12 +41,10 @@ def summary_dict(summary: RunSummary, unit: str = "round") -> dict[str, Any]:
 
 def what_to_train(cfg: Config, resume: Checkpoint | None) -> tuple[str, int, int]:
     """(unit, first, total): this process trains rounds (epochs) first..total, none if
-    first > total. As the trainers decide, a run that met its target trains no further."""
-    unit, total = ("epoch", cfg.ddp.epochs) if cfg.mode == "ddp" else ("round", cfg.federated.rounds)
-    first = resume.round + 1 if resume else 1
-    if resume and target_reached_at(resume.metrics, unit, cfg.eval.target_accuracy) is not None:
-        first = total + 1
-    return unit, first, total
+    first > total, as the trainers' `Progress` decides."""
+    progress = Progress(cfg)
+    first = progress.first(resume.round, resume.metrics) if resume else 1
+    return progress.unit, first, progress.total
 
 
 def run(cfg: Config, run_dir: Path, reporter: PlainReporter, resume: Checkpoint | None = None) -> RunSummary:

@@ -32,7 +32,7 @@ from fltool.trainers.ddp_optim import make_optimizer, make_scheduler, resume_sch
 from fltool.distributed.sharding import rank_batches, steps_per_epoch
 from fltool.run.checkpoint import Checkpoint, make_checkpoint, save_checkpoint
 from fltool.trainers.evaluate import evaluate
-from fltool.trainers.progress import RunSummary, summarize, target_reached_at
+from fltool.trainers.progress import Decision, Progress, RunSummary, summarize
 from fltool.run.metrics import MetricsLog
 from fltool.run.resume import check_resumable
 from fltool.run.rundir import best_checkpoint, last_checkpoint
@@ -113,16 +113,16 @@ def train_ddp(
     scheduler = make_scheduler(optimizer, dcfg, dcfg.epochs * steps)
 
     log = MetricsLog(run_dir)
-    start, best = 1, None
+    progress = Progress(cfg)
+    start = 1
     if resume is not None:
         check_resumable(resume, cfg, last_checkpoint(run_dir), comm.world_size, "this run")
         raw.load_state_dict(resume.model)
         optimizer.load_state_dict(resume.extra["optimizer"])
         resume_schedule(scheduler, resume.extra["scheduler"], schedule_rule(dcfg, dcfg.epochs * steps))
-        start, best = resume.round + 1, resume.best_accuracy
+        progress.best = resume.best_accuracy
         log.rows = list(resume.metrics)
-        if target_reached_at(log.rows, "epoch", cfg.eval.target_accuracy) is not None:
-            start = dcfg.epochs + 1  # it stopped at its target: nothing left to train
+        start = progress.first(resume.round, log.rows)
 
     model = wrap_model(raw, device, dcfg.compile)
     autocast = autocast_for(dcfg.amp, device)
@@ -142,7 +142,6 @@ def train_ddp(
         loss_sum = train_steps(model, optimizer, scheduler, x_train, y_train, batches, autocast)
 
         comm.all_reduce_sum([loss_sum])  # every rank, every epoch
-        final = epoch == dcfg.epochs
         row: dict[str, Any] = {
             "epoch": epoch,
             "steps": steps * epoch,
@@ -151,7 +150,7 @@ def train_ddp(
             "test_accuracy": None,
             "lr": scheduler.get_last_lr()[0],
         }
-        if epoch % cfg.eval.every == 0 or final:
+        if progress.evaluates(epoch):
             # Rank 0 evaluates the plain module (no DDP hooks, so no collective inside);
             # the result is broadcast so that every rank takes the same early-stop decision.
             result = torch.zeros(2, device=device, dtype=torch.float64)
@@ -165,23 +164,19 @@ def train_ddp(
         row["elapsed_s"] = elapsed0 + time.perf_counter() - t0
         row["images_per_s"] = steps * global_batch / wall
 
-        acc = row["test_accuracy"]
-        reached = cfg.eval.target_accuracy is not None and acc is not None and acc >= cfg.eval.target_accuracy
-        improved = acc is not None and (best is None or acc > best)
-        best = acc if improved else best
+        decision = progress.decide(epoch, row["test_accuracy"])
+        log.rows.append(row)
         if comm.is_main:
-            log.rows.append(row)
-            _save(cfg, run_dir, raw, optimizer, scheduler, epoch, log, best, improved, final or reached, comm.world_size)
+            if decision.save_last or decision.save_best:
+                _save(cfg, run_dir, raw, optimizer, scheduler, epoch, log, progress.best, decision, comm.world_size)
             log.flush()  # after the checkpoint, as in the federated loop
             if on_row:
                 on_row(row)
-        else:
-            log.rows.append(row)
         comm.barrier()  # the checkpoint of this epoch exists before any rank goes on
-        if reached:
+        if decision.stop:
             break
 
-    return summarize(run_dir, log.rows, "epoch", best, cfg.eval.target_accuracy, t_setup, t0)
+    return summarize(run_dir, log.rows, "epoch", progress.best, cfg.eval.target_accuracy, t_setup, t0)
 
 
 def _save(
@@ -193,14 +188,10 @@ def _save(
     epoch: int,
     log: MetricsLog,
     best: float | None,
-    improved: bool,
-    force: bool,
+    decision: Decision,
     world_size: int,
 ) -> None:
     """Checkpoints hold the unwrapped module's weights, so `fltool eval` can load them."""
-    due = epoch % cfg.output.checkpoint_every == 0 or force
-    if not (due or improved):
-        return
     extra = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -208,7 +199,7 @@ def _save(
         "world_size": world_size,  # a resume must keep it: the global batch depends on it
     }
     state = make_checkpoint(cfg, raw, epoch, log.rows, best, extra)
-    if due:
+    if decision.save_last:
         save_checkpoint(state, last_checkpoint(run_dir))
-    if improved:
+    if decision.save_best:
         save_checkpoint(state, best_checkpoint(run_dir))

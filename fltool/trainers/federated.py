@@ -1,37 +1,80 @@
-"""The federated round loop shared by fedavg, fedsgd and fedprox.
+"""The federated round loop, the same for every algorithm.
 
-Per round: sample clients, run the client rule (via an engine), aggregate
-w <- sum n_k/n * w_k, evaluate, log, checkpoint. Under `fltool launch` each rank
-trains a slice of the cohort and the weighted sums are all-reduced (see `Comm`).
+Per round: sample clients; an engine trains this process's share of them, calling the
+algorithm's client hooks and handing each upload to the aggregator; the aggregator
+combines the cohort (all-reduced or all-gathered under `fltool launch`, see `Comm`);
+new client state rows are stored; the algorithm's server update, through the server
+optimizer, gives the next global model. Then evaluate, log and checkpoint, as
+`Progress` decides. The algorithm's and server optimizer's state travel in the
+checkpoint, so a resumed run continues bit for bit.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from fltool.algorithms import rule_for, sample_clients, server_update
-from fltool.algorithms.sampling import generator_for
+from fltool.algorithms import AGGREGATORS, ALGORITHMS, SERVER_OPTIMIZERS, Aggregate, ClientStore, FedAvg, Stacked, Upload
+from fltool.algorithms.sampling import generator_for, sample_clients
 from fltool.config import Config
 from fltool.data import load_dataset, partition
-from fltool.devices import keep_freed_host_memory
+from fltool.devices import keep_freed_host_memory, resolve_device
 from fltool.distributed.comm import Comm
-from fltool.trainers.progress import RunSummary, summarize, target_reached_at
+from fltool.engines import ClientData, CohortJob, Engine, VectorizedEngine, make_engine
+from fltool.errors import FltoolError
+from fltool.models.setup import seeded_model
 from fltool.run.checkpoint import Checkpoint, make_checkpoint, save_checkpoint
-from fltool.engines.sequential import ClientData, SequentialEngine, make_engine
-from fltool.trainers.evaluate import evaluate
 from fltool.run.metrics import MetricsLog
 from fltool.run.rundir import best_checkpoint, last_checkpoint
-from fltool.devices import resolve_device
-from fltool.models.setup import seeded_model
-from fltool.engines.vectorized.engine import VectorizedEngine
-
+from fltool.trainers.evaluate import evaluate
+from fltool.trainers.progress import Progress, RunSummary, summarize
 
 RoundCallback = Callable[[dict[str, Any]], None]
+
+
+class FederatedState:
+    """Everything a round changes besides the model: the algorithm's server state, every
+    client's state rows, and the server optimizer (with its state)."""
+
+    def __init__(self, cfg: Config, algorithm: FedAvg, params: Sequence[Tensor], device: torch.device) -> None:
+        self.server = algorithm.init_server_state(params)
+        self.clients = ClientStore(algorithm.init_client_state(params), cfg.federated.num_clients, device)
+        self.optimizer = SERVER_OPTIMIZERS.get(cfg.server_optimizer.name)(cfg.server_optimizer, params)
+
+    def state_dict(self) -> dict[str, Any]:
+        cpu = lambda named: {k: [t.detach().cpu().clone() for t in ts] for k, ts in named.items()}  # noqa: E731
+        return {"server": cpu(self.server), "clients": self.clients.state_dict(), "optimizer": cpu(self.optimizer.state)}
+
+    def load_state_dict(self, saved: Any, where: str) -> None:
+        """Restore from a checkpoint's extra['algorithm'], refusing anything that is not
+        exactly the state this algorithm keeps (names, shapes, dtypes)."""
+        mine = self.state_dict()
+        if not isinstance(saved, dict) or set(saved) != set(mine):
+            raise FltoolError(f"{where}: checkpoint field 'extra[\"algorithm\"]' is not this run's algorithm state")
+        for part, named in mine.items():
+            got = saved[part]
+            if not isinstance(got, dict) or set(got) != set(named) or any(
+                not isinstance(got[k], list)
+                or len(got[k]) != len(ts)
+                or any(not isinstance(g, Tensor) or g.shape != t.shape or g.dtype != t.dtype for g, t in zip(got[k], ts))
+                for k, ts in named.items()
+            ):
+                raise FltoolError(f"{where}: checkpoint field 'extra[\"algorithm\"][\"{part}\"]' does not match this run's algorithm state")
+        device = next(iter(self.server.values()), [torch.zeros(0)])[0].device
+        for k, ts in self.server.items():
+            torch._foreach_copy_(ts, [t.to(device) for t in saved["server"][k]])
+        for k, ts in self.optimizer.state.items():
+            torch._foreach_copy_(ts, [t.to(ts[0].device) for t in saved["optimizer"][k]])
+        self.clients.load_state_dict(saved["clients"])
+
+
+def build_algorithm(cfg: Config) -> FedAvg:
+    return ALGORITHMS.get(cfg.algorithm.name)(cfg.algorithm, cfg.federated)
 
 
 def build_clients(cfg: Config, device: torch.device) -> tuple[Any, list[ClientData]]:
@@ -42,6 +85,53 @@ def build_clients(cfg: Config, device: torch.device) -> tuple[Any, list[ClientDa
         idx = idx.to(device)
         clients.append(ClientData(k, dataset.train.x[idx], dataset.train.y[idx]))
     return dataset, clients
+
+
+def train_round(
+    engine: Engine,
+    algorithm: FedAvg,
+    state: FederatedState,
+    global_params: list[Tensor],
+    clients: Sequence[ClientData],
+    round_: int,
+    cfg: Config,
+    comm: Comm,
+    cohort: int,
+) -> tuple[list[Tensor], Tensor]:
+    """One round of this process's `clients` (of a cohort of `cohort`): the new global
+    model and the cohort's summed loss (sum_k n_k * mean minibatch cross-entropy)."""
+    aggregator = AGGREGATORS.get(cfg.aggregator.name)(cfg.aggregator)
+    new_rows: list[tuple[Tensor, Stacked]] = []
+
+    def context_for(ids: list[int]) -> Stacked:
+        return algorithm.client_context(state.server, state.clients.rows(ids), global_params)
+
+    def collect(ids: Tensor, upload: Upload) -> None:
+        aggregator.add(upload)
+        if upload.state:
+            new_rows.append((ids, upload.state))
+
+    loss_sum = engine.train_cohort(global_params, clients, CohortJob(algorithm, round_, context_for, collect))
+    aggregate: Aggregate = aggregator.reduce(comm, [loss_sum], cohort, cfg.federated.num_clients)
+    if new_rows:
+        store_client_rows(state.clients, new_rows, comm)
+    with torch.no_grad():
+        new, state.server = algorithm.server_update(global_params, aggregate, state.server, state.optimizer)
+    return new, loss_sum
+
+
+def store_client_rows(store: ClientStore, new_rows: list[tuple[Tensor, Stacked]], comm: Comm) -> None:
+    """Write the cohort's new state rows; under `launch`, every rank's, so that each rank
+    keeps the whole table."""
+    names = sorted(new_rows[0][1])
+    ids = torch.cat([i for i, _ in new_rows])
+    columns = [torch.cat(parts) for parts in zip(*(sum((rows[n] for n in names), []) for _, rows in new_rows), strict=True)]
+    ids, *columns = comm.all_gather_rows([ids, *columns])
+    widths = [len(store.tables[n]) for n in names]
+    rows, at = {}, 0
+    for name, width in zip(names, widths, strict=True):
+        rows[name], at = columns[at : at + width], at + width
+    store.write(ids, rows)
 
 
 def train_federated(
@@ -59,45 +149,43 @@ def train_federated(
     model = seeded_model(cfg, dataset, device)
     fed = cfg.federated
     engine = make_engine(fed.engine, model, cfg.seed, fed.max_parallel_clients, fed.cuda_graphs, fed.amp)
-    rule = rule_for(cfg.mode, cfg.federated)
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    algorithm = build_algorithm(cfg)
+    params = list(model.parameters())
+    state = FederatedState(cfg, algorithm, [p.detach() for p in params], device)
+    model_bytes = sum(p.numel() * p.element_size() for p in params)
 
     log = MetricsLog(run_dir)
-    start, best = 1, None
+    progress = Progress(cfg)
+    start = 1
     if resume is not None:
         model.load_state_dict(resume.model)
-        start, best = resume.round + 1, resume.best_accuracy
         restore_engine(engine, resume.extra)
+        state.load_state_dict(resume.extra.get("algorithm"), str(last_checkpoint(run_dir)))
+        progress.best = resume.best_accuracy
         log.rows = list(resume.metrics)
-        if target_reached_at(log.rows, "round", cfg.eval.target_accuracy) is not None:
-            start = cfg.federated.rounds + 1  # it stopped at its target: nothing left to train
+        start = progress.first(resume.round, log.rows)
     elapsed0 = log.rows[-1]["elapsed_s"] if log.rows else 0.0
     t0 = time.perf_counter()
-    params = list(model.parameters())
 
-    for r in range(start, cfg.federated.rounds + 1):
+    for r in range(start, fed.rounds + 1):
         t_round = time.perf_counter()
-        sampled = sample_clients(len(clients), cfg.federated.fraction, generator_for(cfg.seed, "sample", r))
+        sampled = sample_clients(len(clients), fed.fraction, generator_for(cfg.seed, "sample", r))
         mine = [clients[k] for k in sampled[comm.rank :: comm.world_size]]
         global_now = [p.detach() for p in params]
-        result = engine.train_cohort(global_now, mine, rule, r)
-        comm.all_reduce_sum([*result.weighted.sums, result.loss_sum])
-        n_total = sum(clients[k].n for k in sampled)  # every rank knows every n_k
-        result.weighted.total = float(n_total)
+        new, loss_sum = train_round(engine, algorithm, state, global_now, mine, r, cfg, comm, len(sampled))
         with torch.no_grad():
-            new = server_update(global_now, result.weighted.average(), cfg.federated.server_lr)
             torch._foreach_copy_(global_now, new)
+        n_total = sum(clients[k].n for k in sampled)  # every rank knows every n_k
 
         row: dict[str, Any] = {
             "round": r,
             "clients": len(sampled),
             "client_ids": sampled,
-            "train_loss": result.loss_sum.item() / n_total,
+            "train_loss": loss_sum.item() / n_total,
             "test_loss": None,
             "test_accuracy": None,
         }
-        final = r == cfg.federated.rounds
-        if r % cfg.eval.every == 0 or final:
+        if progress.evaluates(r):
             # Every rank evaluates the same global model, so a target-accuracy stop is
             # decided identically everywhere without another collective.
             ev = evaluate(model, dataset.test, cfg.eval.batch_size, dataset.num_classes)
@@ -106,35 +194,28 @@ def train_federated(
         row["elapsed_s"] = elapsed0 + time.perf_counter() - t0
         row["bytes_up"] = row["bytes_down"] = len(sampled) * model_bytes
 
-        reached = (
-            cfg.eval.target_accuracy is not None
-            and row["test_accuracy"] is not None
-            and row["test_accuracy"] >= cfg.eval.target_accuracy
-        )
-        improved = row["test_accuracy"] is not None and (best is None or row["test_accuracy"] > best)
-        best = row["test_accuracy"] if improved else best
+        decision = progress.decide(r, row["test_accuracy"])
+        log.rows.append(row)
         if comm.is_main:
-            log.rows.append(row)
-            if improved or r % cfg.output.checkpoint_every == 0 or final or reached:
-                state = make_checkpoint(cfg, model, r, log.rows, best, engine_state(engine))
-                if r % cfg.output.checkpoint_every == 0 or final or reached:
-                    save_checkpoint(state, last_checkpoint(run_dir))
-                if improved:
-                    save_checkpoint(state, best_checkpoint(run_dir))
+            if decision.save_last or decision.save_best:
+                extra = {**engine_state(engine), "algorithm": state.state_dict()}
+                ckpt = make_checkpoint(cfg, model, r, log.rows, progress.best, extra)
+                if decision.save_last:
+                    save_checkpoint(ckpt, last_checkpoint(run_dir))
+                if decision.save_best:
+                    save_checkpoint(ckpt, best_checkpoint(run_dir))
             # after the checkpoint: the metrics on disk never run ahead of it, and a
             # checkpoint carries its own rows, so an interrupt in between loses nothing
             log.flush()
             if on_round:
                 on_round(row)
-        else:
-            log.rows.append(row)
-        if reached:
+        if decision.stop:
             break
     comm.barrier()
-    return summarize(run_dir, log.rows, "round", best, cfg.eval.target_accuracy, t_setup, t0)
+    return summarize(run_dir, log.rows, "round", progress.best, cfg.eval.target_accuracy, t_setup, t0)
 
 
-def engine_state(engine: SequentialEngine | VectorizedEngine) -> dict[str, Any]:
+def engine_state(engine: Engine) -> dict[str, Any]:
     """What a resumed run needs to train as the uninterrupted one does: the chunk size
     the vectorized engine fell back to after running out of device memory (chunks set
     the float summation order). Under `launch`, rank 0's, which every rank takes on."""
@@ -143,8 +224,6 @@ def engine_state(engine: SequentialEngine | VectorizedEngine) -> dict[str, Any]:
     return {"chunk_cap": engine.oom_cap}
 
 
-def restore_engine(engine: SequentialEngine | VectorizedEngine, extra: dict[str, Any]) -> None:
+def restore_engine(engine: Engine, extra: dict[str, Any]) -> None:
     if isinstance(engine, VectorizedEngine):
         engine.oom_cap = extra.get("chunk_cap")
-
-

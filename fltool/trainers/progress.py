@@ -1,5 +1,6 @@
-"""What both trainers decide the same way: whether a round (epoch) met the target,
-and the run's summary from its metric rows."""
+"""What both trainers decide the same way, in one place: where a run starts, which
+rounds (epochs) it evaluates, whether one improved on the best or met the target,
+which checkpoints it writes, and the run's summary from its metric rows."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fltool.config import Config
 
 
 @dataclass
@@ -20,6 +23,42 @@ class RunSummary:
     wall_s: float  # training only: setup (data, model) is in setup_s
     metrics: list[dict[str, Any]] = field(default_factory=list)
     setup_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    save_last: bool  # the run's last.pt: due by output.checkpoint_every, final, or at the target
+    save_best: bool  # best.pt: the accuracy improved
+    stop: bool  # the target accuracy was met
+
+
+class Progress:
+    """A run's position in rounds (federated) or epochs (DDP), and its best accuracy."""
+
+    def __init__(self, cfg: Config, best: float | None = None) -> None:
+        self.unit, self.total = ("epoch", cfg.ddp.epochs) if cfg.mode == "ddp" else ("round", cfg.federated.rounds)
+        self.target = cfg.eval.target_accuracy
+        self.eval_every = cfg.eval.every
+        self.checkpoint_every = cfg.output.checkpoint_every
+        self.best = best
+
+    def first(self, last_done: int, rows: list[dict[str, Any]]) -> int:
+        """The first round to train after `last_done`; past the end if the run already
+        met its target (a resume of it trains nothing)."""
+        if target_reached_at(rows, self.unit, self.target) is not None:
+            return self.total + 1
+        return last_done + 1
+
+    def evaluates(self, index: int) -> bool:
+        return index % self.eval_every == 0 or index == self.total
+
+    def decide(self, index: int, accuracy: float | None) -> Decision:
+        reached = self.target is not None and accuracy is not None and accuracy >= self.target
+        improved = accuracy is not None and (self.best is None or accuracy > self.best)
+        if improved:
+            self.best = accuracy
+        due = index % self.checkpoint_every == 0 or index == self.total or reached
+        return Decision(save_last=due, save_best=improved, stop=reached)
 
 
 

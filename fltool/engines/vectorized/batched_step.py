@@ -15,11 +15,10 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from fltool.algorithms import LocalRule
-from fltool.algorithms.local import add_proximal_gradient_
+from fltool.algorithms import FedAvg, LocalRule, Stacked
 from fltool.devices import host_to_device
+from fltool.engines.base import ClientData, client_epoch_orders
 from fltool.engines.vectorized.batched_nets import LowRankGrad, collect_low_rank_grads
-from fltool.engines.sequential import ClientData, client_epoch_orders
 
 # (stacked params, x (M,B,...), y (M,B), mask (M,B)) -> cross-entropy per client (M,)
 BatchedCrossEntropy = Callable[[tuple[Tensor, ...], Tensor, Tensor, Tensor], Tensor]
@@ -58,6 +57,11 @@ def plan_chunk(seed: int, round_: int, clients: Sequence[ClientData], rule: Loca
     )
 
 
+def full_batch_plan(clients: Sequence[ClientData], device: torch.device) -> ChunkPlan:
+    """One step over every client's whole data, in order (no draws)."""
+    return plan_chunk(0, 0, clients, LocalRule(epochs=1, batch_size=None, lr=0.0), device)
+
+
 def step_grads(
     cross_entropy: BatchedCrossEntropy, params: Sequence[Tensor], x: Tensor, y: Tensor, idx: Tensor, mask: Tensor, active: Tensor
 ) -> tuple[Tensor, list[Tensor | LowRankGrad]]:
@@ -76,14 +80,19 @@ def step_grads(
 
 @torch.no_grad()
 def step_update(
-    params: Sequence[Tensor], grads: list[Tensor | LowRankGrad], anchor: Sequence[Tensor], rule: LocalRule, active: Tensor
+    params: Sequence[Tensor],
+    grads: list[Tensor | LowRankGrad],
+    anchor: Sequence[Tensor],
+    algorithm: FedAvg,
+    context: Stacked,
+    active: Tensor,
 ) -> None:
-    """The local rule's update in place: FedProx's gradient (kept off finished clients,
-    which the term alone would still move), then plain SGD."""
-    if rule.mu > 0:
+    """One local step in place: the algorithm's gradient terms (FedProx's, SCAFFOLD's;
+    on materialised gradients), then plain SGD."""
+    if algorithm.adjusts_gradients:
         grads = [g.materialize() if isinstance(g, LowRankGrad) else g for g in grads]
-        add_proximal_gradient_(grads, params, anchor, rule.mu, active)
-    sgd_step(params, grads, rule.lr)
+        algorithm.adjust_gradients_(grads, params, anchor, context, active)  # type: ignore[arg-type]
+    sgd_step(params, grads, algorithm.rule.lr)
 
 
 def match_layout(params: list[Tensor], grads: Sequence[Tensor | LowRankGrad]) -> list[Tensor]:

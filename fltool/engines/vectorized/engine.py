@@ -8,15 +8,15 @@ x 10 examples is microseconds of work), so fusing M clients into one kernel sequ
 is where the speed comes from on a GPU. On CPU the gain is removing per-client Python
 and optimizer overhead; conv-heavy models stay compute-bound there.
 
-The math is `client_update`'s: the masked cross-entropy of `local_objective`, FedProx's
-gradient added directly, a plain SGD step. Only the batching differs from
-`SequentialEngine`:
+The math is `client_update`'s: the masked cross-entropy, the algorithm's
+`adjust_gradients_` on each step's gradients, a plain SGD step, and `client_upload`
+on the chunk's stacked result. Only the batching differs from `SequentialEngine`:
 - Every client follows exactly its `client_batches` schedule (same seed, same order).
 - Clients differ in size, so each step's batches are padded to the widest one and
   masked: the cross-entropy is the mean over real examples only, so a partial last
   batch gets the same gradient as in the sequential engine.
-- A client whose schedule has ended gets a zero step size (FedProx's term alone would
-  otherwise still move it).
+- A client whose schedule has ended gets a zero gradient, and `active` tells the
+  algorithm's gradient terms to keep off it (FedProx's alone would still move it).
 - Dropout draws independent masks per client (one dropout over the stacked
   activations, or vmap randomness="different") from a per-chunk seed, so dropout
   models match the sequential engine in distribution, not bit for bit; they are still
@@ -46,13 +46,21 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from fltool.algorithms import LocalRule, WeightedSum, derive_seed
+from fltool.algorithms import ClientInfo, FedAvg, LocalRule, Stacked, derive_seed
 from fltool.algorithms.local import masked_cross_entropy
 from fltool.devices import host_to_device
+from fltool.engines.base import ClientData, CohortJob, empty_upload, make_apply_fn, with_amp
 from fltool.engines.vectorized.batched_nets import make_batched_apply, supports
-from fltool.engines.vectorized.batched_step import BatchedCrossEntropy, ChunkPlan, match_layout, plan_chunk, step_grads, step_update
+from fltool.engines.vectorized.batched_step import (
+    BatchedCrossEntropy,
+    ChunkPlan,
+    full_batch_plan,
+    match_layout,
+    plan_chunk,
+    step_grads,
+    step_update,
+)
 from fltool.engines.vectorized.chunking import auto_chunk_size, device_memory_budget
-from fltool.engines.sequential import ClientData, CohortResult, make_apply_fn, with_amp
 from fltool.models.setup import has_running_stats
 from fltool.engines.vectorized.step_graph import StepGraphCache
 from fltool.errors import FltoolError
@@ -116,19 +124,20 @@ class VectorizedEngine:
 
         return vmap(one_client, randomness="different")
 
-    def train_cohort(
-        self, global_params: Sequence[Tensor], clients: Sequence[ClientData], rule: LocalRule, round_: int
-    ) -> CohortResult:
-        weighted = WeightedSum(global_params)
-        loss_sum = torch.zeros((), device=global_params[0].device)
-        if not clients:  # a rank whose share of a small cohort is empty still joins the all-reduce
-            return CohortResult(weighted, loss_sum)
+    def train_cohort(self, global_params: Sequence[Tensor], clients: Sequence[ClientData], job: CohortJob) -> Tensor:
+        device = global_params[0].device
+        loss_sum = torch.zeros((), device=device)
+        if not clients:  # a rank whose share of a small cohort is empty still joins the collectives
+            empty_upload(job, global_params)
+            return loss_sum
         self.model.train()
+        rule = job.algorithm.rule
         pending = chunks(clients, self.chunk_size(global_params, clients, rule))
         while pending:
             chunk = pending.pop(0)
             try:
-                params, ce_sums, plan = self.train_chunk(global_params, chunk, rule, round_)
+                context = job.context_for([c.id for c in chunk])
+                params, ce_sums, plan, context = self.train_chunk(global_params, chunk, job, context)
             except torch.OutOfMemoryError:
                 if len(chunk) == 1:
                     raise
@@ -138,11 +147,16 @@ class VectorizedEngine:
             if out_of_memory:  # outside the handler, so the failed step's tensors are freed
                 pending = self.rechunk_after_oom(chunk, pending)
                 continue
-            weighted.add_stacked(params, plan.n)
+            info = ClientInfo(
+                ids=host_to_device(torch.tensor([c.id for c in chunk]), device),
+                n=host_to_device(torch.tensor([float(n) for n in plan.n]), device),
+                steps=host_to_device(torch.tensor([float(s) for s in plan.steps]), device),
+            )
+            job.collect(info.ids, job.algorithm.client_upload(global_params, params, context, info))
             # as in the sequential engine: n_k * (mean minibatch cross-entropy of client k)
-            per_step = host_to_device(torch.tensor([n / s for n, s in zip(plan.n, plan.steps)]), ce_sums.device)
+            per_step = host_to_device(torch.tensor([n / s for n, s in zip(plan.n, plan.steps)]), device)
             loss_sum = loss_sum + (ce_sums * per_step).sum()
-        return CohortResult(weighted, loss_sum)
+        return loss_sum
 
     def rechunk_after_oom(self, failed: list[ClientData], pending: list[list[ClientData]]) -> list[list[ClientData]]:
         """The size estimate was too generous (other tenants, fragmentation): halve the
@@ -172,21 +186,25 @@ class VectorizedEngine:
         return min(self._chunk_sizes[key], self.oom_cap or len(clients), len(clients))
 
     def train_chunk(
-        self, global_params: Sequence[Tensor], clients: Sequence[ClientData], rule: LocalRule, round_: int
-    ) -> tuple[list[Tensor], Tensor, ChunkPlan]:
+        self, global_params: Sequence[Tensor], clients: Sequence[ClientData], job: CohortJob, context: Stacked
+    ) -> tuple[list[Tensor], Tensor, ChunkPlan, Stacked]:
         """Run the local rule for every client of `clients` at once.
 
         Returns the stacked client parameters (client dim 0), each client's sum of
-        minibatch cross-entropies, and the plan used.
+        minibatch cross-entropies, the plan used, and the context (with each client's
+        full-data gradient at the global model added where the algorithm needs it).
         """
+        algorithm = job.algorithm
         device = global_params[0].device
-        plan = plan_chunk(self.seed, round_, clients, rule, device)
+        plan = plan_chunk(self.seed, job.round, clients, algorithm.rule, device)
         x = torch.cat([c.x for c in clients])
         y = torch.cat([c.y for c in clients])
-        torch.manual_seed(derive_seed(self.seed, "dropout-chunk", round_, clients[0].id))
+        if algorithm.needs_global_gradient:
+            context = {**context, "global_grad": self.global_gradients(global_params, clients, x, y)}
+        torch.manual_seed(derive_seed(self.seed, "dropout-chunk", job.round, clients[0].id))
         if self.graphs is not None and device.type == "cuda":
-            graph = self.graphs.get(rule, global_params, x, y, plan)
-            return (*graph.run(global_params, x, y, plan), plan)
+            graph = self.graphs.get(algorithm, global_params, x, y, plan, context)
+            return (*graph.run(global_params, x, y, plan, context), plan, context)
         anchor = [p.detach() for p in global_params]
         params = [p.detach().unsqueeze(0).repeat(len(clients), *([1] * p.dim())).requires_grad_(True) for p in global_params]
         ce_sums = torch.zeros(len(clients), device=device)
@@ -194,6 +212,14 @@ class VectorizedEngine:
             ce, grads = step_grads(self.batched_cross_entropy, params, x, y, plan.index[s], plan.mask[s], plan.active[s])
             if s == 0:
                 params = match_layout(params, grads)
-            step_update(params, grads, anchor, rule, plan.active[s])
+            step_update(params, grads, anchor, algorithm, context, plan.active[s])
             ce_sums = ce_sums + ce.detach()
-        return [p.detach() for p in params], ce_sums, plan
+        return [p.detach() for p in params], ce_sums, plan, context
+
+    def global_gradients(self, global_params: Sequence[Tensor], clients: Sequence[ClientData], x: Tensor, y: Tensor) -> list[Tensor]:
+        """Each client's gradient of the mean cross-entropy over all its data at the
+        global model, stacked (M, ...): one full-batch step's gradients."""
+        plan = full_batch_plan(clients, global_params[0].device)
+        params = [p.detach().unsqueeze(0).expand(len(clients), *p.shape).clone().requires_grad_(True) for p in global_params]
+        _, grads = step_grads(self.batched_cross_entropy, params, x, y, plan.index[0], plan.mask[0], plan.active[0])
+        return [g.materialize() if not isinstance(g, Tensor) else g for g in grads]

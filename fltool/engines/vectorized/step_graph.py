@@ -9,7 +9,8 @@ steps went from 100 ms eager (1.7 ms a step) to 8 ms graphed.
 Everything the step touches lives in static buffers that the graph reads in place:
 the chunk's data, its whole step plan (index, mask, active; see `plan_chunk`), a step
 counter on the device that the graph advances itself, the stacked parameters, the
-anchor and the loss sums. Running a chunk is: copy its data, plan and the global
+anchor, the algorithm's context (what its `adjust_gradients_` reads, e.g. SCAFFOLD's
+correction) and the loss sums. Running a chunk is: copy its data, plan and the global
 model into the buffers, then replay the graph once per step. Nothing in between
 waits for the host.
 
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fltool.algorithms import LocalRule
+from fltool.algorithms import FedAvg, Stacked
 from fltool.engines.vectorized.batched_step import BatchedCrossEntropy, ChunkPlan, match_layout, step_grads, step_update
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuBLAS/cuDNN handles, autograd)
@@ -44,16 +45,17 @@ class StepGraph:
     def __init__(
         self,
         cross_entropy: BatchedCrossEntropy,
-        rule: LocalRule,
+        algorithm: FedAvg,
         global_params: Sequence[Tensor],
         x: Tensor,
         y: Tensor,
         plan: ChunkPlan,
+        context: Stacked,
     ) -> None:
         device = x.device
         steps, m, width = plan.index.shape
         self.cross_entropy = cross_entropy
-        self.rule = rule
+        self.algorithm = algorithm
         self.rows, self.steps = capacity(x.shape[0]), capacity(steps)
         self.x = torch.zeros((self.rows, *x.shape[1:]), dtype=x.dtype, device=device)
         self.y = torch.zeros(self.rows, dtype=y.dtype, device=device)
@@ -63,14 +65,15 @@ class StepGraph:
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
         self.anchor = [torch.zeros_like(p) for p in global_params]
         self.ce_sums = torch.zeros(m, device=device)
+        self.context = {name: [torch.zeros_like(t) for t in ts] for name, ts in context.items()}
         self.params = [p.detach().unsqueeze(0).repeat(m, *([1] * p.dim())).requires_grad_(True) for p in global_params]
-        self.load(global_params, x, y, plan)
+        self.load(global_params, x, y, plan, context)
         self.graph = self.capture()
 
     def fits(self, x: Tensor, plan: ChunkPlan) -> bool:
         return x.shape[0] <= self.rows and plan.index.shape[0] <= self.steps
 
-    def load(self, global_params: Sequence[Tensor], x: Tensor, y: Tensor, plan: ChunkPlan) -> None:
+    def load(self, global_params: Sequence[Tensor], x: Tensor, y: Tensor, plan: ChunkPlan, context: Stacked) -> None:
         """Put a chunk into the static buffers and reset the parameters to the global model."""
         steps, rows = plan.index.shape[0], x.shape[0]
         with torch.no_grad():
@@ -82,6 +85,8 @@ class StepGraph:
             for p, a, g in zip(self.params, self.anchor, global_params, strict=True):
                 p.copy_(g.unsqueeze(0).expand_as(p))
                 a.copy_(g)
+            for name, ts in self.context.items():
+                torch._foreach_copy_(ts, context[name])
             self.ce_sums.zero_()
             self.counter.zero_()
 
@@ -100,7 +105,7 @@ class StepGraph:
         )
         if relayout:
             self.params = match_layout(self.params, grads)
-        step_update(self.params, grads, self.anchor, self.rule, active)
+        step_update(self.params, grads, self.anchor, self.algorithm, self.context, active)
         with torch.no_grad():
             self.ce_sums.add_(ce.detach())
             self.counter.add_(1)
@@ -121,10 +126,12 @@ class StepGraph:
             self.step()
         return graph
 
-    def run(self, global_params: Sequence[Tensor], x: Tensor, y: Tensor, plan: ChunkPlan) -> tuple[list[Tensor], Tensor]:
+    def run(
+        self, global_params: Sequence[Tensor], x: Tensor, y: Tensor, plan: ChunkPlan, context: Stacked
+    ) -> tuple[list[Tensor], Tensor]:
         """Train one chunk: the stacked client parameters and per-client loss sums. Both
         are the graph's own buffers, valid until its next run."""
-        self.load(global_params, x, y, plan)
+        self.load(global_params, x, y, plan, context)
         for _ in range(plan.index.shape[0]):
             self.graph.replay()
         return [p.detach() for p in self.params], self.ce_sums
@@ -140,10 +147,13 @@ class StepGraphCache:
     def clear(self) -> None:
         self.graphs.clear()
 
-    def get(self, rule: LocalRule, global_params: Sequence[Tensor], x: Tensor, y: Tensor, plan: ChunkPlan) -> StepGraph:
+    def get(
+        self, algorithm: FedAvg, global_params: Sequence[Tensor], x: Tensor, y: Tensor, plan: ChunkPlan, context: Stacked
+    ) -> StepGraph:
         """The graph for this chunk's shape, captured now if there is none that fits."""
         _, m, width = plan.index.shape
-        key = (rule, m, width, tuple(x.shape[1:]), x.dtype, tuple((p.shape, p.dtype) for p in global_params))
+        shapes = tuple((name, tuple(t.shape for t in ts)) for name, ts in sorted(context.items()))
+        key = (id(algorithm), algorithm.rule, m, width, tuple(x.shape[1:]), x.dtype, tuple((p.shape, p.dtype) for p in global_params), shapes)
         graph = self.graphs.pop(key, None)
         if graph is not None and graph.fits(x, plan):
             self.graphs[key] = graph
@@ -151,5 +161,5 @@ class StepGraphCache:
         del graph  # its buffers go before a larger one is allocated
         while len(self.graphs) >= MAX_CACHED:
             self.graphs.pop(next(iter(self.graphs)))
-        self.graphs[key] = StepGraph(self.cross_entropy, rule, global_params, x, y, plan)
+        self.graphs[key] = StepGraph(self.cross_entropy, algorithm, global_params, x, y, plan, context)
         return self.graphs[key]

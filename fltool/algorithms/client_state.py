@@ -1,0 +1,65 @@
+"""Every client's persistent algorithm state (SCAFFOLD's c_i), for all K clients.
+
+Rows live on the training device while the whole table fits in a fraction of its
+memory, else in host memory (pinned on a CUDA machine), and a chunk's rows are copied
+over when it trains. Under `launch` every rank keeps the whole table: the rows its
+clients produce are all-gathered after each round, so each rank can train any client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fltool.algorithms.api import Stacked
+
+DEVICE_FRACTION = 0.25  # of a GPU's memory that client state may take before moving to the host
+
+
+def table_bytes(initial: dict[str, list[Tensor]], num_clients: int) -> int:
+    return num_clients * sum(t.numel() * t.element_size() for ts in initial.values() for t in ts)
+
+
+class ClientStore:
+    def __init__(self, initial: dict[str, list[Tensor]], num_clients: int, device: torch.device) -> None:
+        self.device = device
+        self.num_clients = num_clients
+        self.home = device
+        if device.type == "cuda":
+            budget = DEVICE_FRACTION * torch.cuda.get_device_properties(device).total_memory
+            self.home = device if table_bytes(initial, num_clients) <= budget else torch.device("cpu")
+        pin = self.home.type == "cpu" and device.type == "cuda"
+        self.tables: dict[str, list[Tensor]] = {
+            name: [self._table(t, pin) for t in ts] for name, ts in initial.items()
+        }
+
+    def _table(self, row: Tensor, pin: bool) -> Tensor:
+        table = torch.zeros((self.num_clients, *row.shape), dtype=row.dtype, device=self.home, pin_memory=pin)
+        if bool(row.any()):  # zeros are the common start, and need no pass over the table
+            table.copy_(row.to(self.home).expand_as(table))
+        return table
+
+    def rows(self, ids: Sequence[int]) -> Stacked:
+        """The clients' rows, (M, ...) on the training device, in the order of `ids`."""
+        index = torch.tensor(list(ids), dtype=torch.long, device=self.home)
+        return {
+            name: [t.index_select(0, index).to(self.device, non_blocking=True) for t in ts]
+            for name, ts in self.tables.items()
+        }
+
+    def write(self, ids: Tensor, rows: Stacked) -> None:
+        index = ids.to(self.home, torch.long)
+        for name, ts in self.tables.items():
+            for table, new in zip(ts, rows[name], strict=True):
+                table.index_copy_(0, index, new.to(self.home, table.dtype))
+
+    def state_dict(self) -> dict[str, list[Tensor]]:
+        return {name: [t.detach().cpu() for t in ts] for name, ts in self.tables.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, ts in self.tables.items():
+            for table, saved in zip(ts, state[name], strict=True):
+                table.copy_(saved)
