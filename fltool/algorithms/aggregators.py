@@ -27,8 +27,8 @@ def client_weighted_sum(weights: Tensor, stacked: Tensor) -> Tensor:
     """sum_k weights[k] * stacked[k] as one matrix-vector product, in whatever memory
     layout the stack has: a batched engine's weight stacks can be per-client transposed,
     and tensordot would first copy them into contiguous order."""
-    if stacked.dim() == 1:
-        return weights @ stacked
+    if stacked.dim() == 1 or stacked.shape[0] == 0:  # (an empty upload: a rank without clients)
+        return torch.tensordot(weights, stacked, dims=1)
     # visit the per-client dims in memory order so the stack is a dense (M, N) matrix
     order = sorted(range(1, stacked.dim()), key=lambda d: -stacked.stride(d))
     dense = stacked.permute(0, *order)

@@ -212,7 +212,7 @@ def test_two_concurrent_launches_do_not_collide(tmp_path):
 def _federated_config() -> dict:
     return {
         "name": "fed",
-        "mode": "fedavg",
+        "mode": "federated",
         "seed": 1,
         "device": "cpu",
         "data": {
@@ -254,6 +254,36 @@ def test_federated_launch_with_fewer_sampled_clients_than_ranks(tmp_path):
     assert done.returncode == 0, done.stderr
     assert [r["clients"] for r in read_metrics(two)] == [1, 1]
     assert_same_model(load_model(two), load_model(ref))
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        # SCAFFOLD: every rank needs the c_i of the clients it trains, so the new rows
+        # are all-gathered each round; its c update is a sum over the whole cohort
+        {"algorithm": {"name": "scaffold"}},
+        # FedAdam: the server step is taken once from the all-reduced mean, on every rank
+        {"server_optimizer": {"name": "adam", "lr": 0.05}},
+        # the median needs every update at once: all-gathered under launch
+        {"aggregator": {"name": "median"}},
+    ],
+    ids=["scaffold", "fedadam", "median"],
+)
+@pytest.mark.parametrize("engine", ["sequential", "vectorized"])
+def test_federated_algorithms_under_launch_equal_one_process(sections: dict, engine: str, tmp_path):
+    raw = {**_federated_config(), **sections}
+    raw["federated"] = {**raw["federated"], "engine": engine, "fraction": 0.3, "rounds": 3}
+    ref = _single_process(tmp_path / "single", raw)
+    done, two = _launch(tmp_path, "two", raw, "--nproc", "2")
+    assert done.returncode == 0, done.stderr
+    assert_same_model(load_model(two), load_model(ref))
+    one_state = torch.load(ref / "checkpoints" / "last.pt", weights_only=True)["extra"]["algorithm"]
+    two_state = torch.load(two / "checkpoints" / "last.pt", weights_only=True)["extra"]["algorithm"]
+    for part in ("server", "clients", "optimizer"):
+        assert one_state[part].keys() == two_state[part].keys()
+        for name in one_state[part]:
+            for a, b in zip(one_state[part][name], two_state[part][name], strict=True):
+                assert torch.allclose(a.double(), b.double(), atol=1e-5, rtol=1e-4), f"{part}.{name}"
 
 
 def _free_port() -> int:

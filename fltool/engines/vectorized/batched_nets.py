@@ -7,13 +7,8 @@ the clients one by one. Here the client dim is folded into the layout once:
   and pooling, ReLU and dropout act on it as they are;
 - dense stage: (M, B, F) -- one batched matmul per Linear (`BatchedLinear`).
 
-Measured alternatives for the conv stage on an H100 (graphed McMahan CNN round, 10
-clients, E=5): one plain cuDNN convolution per client ran at 0.78 s against the grouped
-0.30 s, and im2col (F.unfold) + one batched matmul at 0.83 s (im2col launches once per
-image); cudnn.benchmark changed nothing. An im2col by strided view (Tensor.unfold, one
-copy kernel) + batched matmul ran the 10-client CNN round at 0.33 s and the CIFAR cohort
-of 50 at 0.026 s (grouped: 0.29 and 0.022 s), but 1,000 CNN clients at 0.10 s against
-0.20 s grouped (another run): grouped convolutions with very many groups are slow in cuDNN.
+The alternatives measured for the conv stage (a convolution per client, im2col +
+batched matmul) are in docs/engines.md.
 
 Only the layer types below are supported; `supports` says whether a model qualifies,
 otherwise the engine falls back to vmap. Numerically it is the same network as
@@ -62,9 +57,9 @@ class LowRankGrad:
     A dense layer's weight gradient on a batch of B examples has rank B. Materialised, the
     CNN's 3136x512 one is 6.4 MB a client that the backward writes and the SGD update
     reads again, on top of the update's own pass over the weights; from the factors the
-    update is one GEMM that accumulates into the weights (`sgd_step`). On CPU, where
-    these layers are bound by memory traffic, that made the bf16 McMahan CNN round 12-35%
-    faster (three interleaved A/B runs)."""
+    update is one GEMM that accumulates into the weights (`sgd_step`): these layers are
+    bound by memory traffic on CPU (docs/engines.md). An algorithm that adjusts
+    gradients gets them materialised."""
 
     left: Tensor
     right: Tensor
@@ -116,8 +111,7 @@ class BatchedLinear(torch.autograd.Function):
     """y_m = x_m W_m^T + b_m for every client m: x (M, B, I), W (M, O, I), b (M, O) or None.
 
     The same math as `autograd_linear`, with the matmuls oriented by hand: y^T = W x^T
-    (through autograd, `x @ W^T` ran MKL's slow transposed GEMM: 0.45 against 0.18 ms
-    for the CNN's 3136x512 layer at B=10), and W's gradient as g^T x, in W's own layout,
+    (through autograd, `x @ W^T` ran MKL's slow transposed GEMM), and W's gradient as g^T x, in W's own layout,
     so the SGD update sweeps memory linearly. Inside `collect_low_rank_grads`, W's
     gradient is left as the factors (g^T, x) instead. Used on CPU for large layers (see
     `_linear`).
@@ -153,9 +147,8 @@ def autograd_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return torch.bmm(x, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
 
 
-# BatchedLinear's Python cost (an autograd.Function, ~20 us a layer a step) pays off for
-# large layers only: A/B of CPU rounds, the CNN (fc1: 1.6M weights a client) ran 11-13%
-# faster with it, the 2NN (fc1: 157k) 3-7% slower at 10 clients a chunk.
+# BatchedLinear's Python cost (an autograd.Function a layer a step) pays off for large
+# layers only (docs/engines.md)
 BATCHED_LINEAR_MIN_WEIGHTS = 2**20  # per client
 
 
@@ -181,20 +174,17 @@ def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 
 def conv_layout(device: torch.device) -> torch.memory_format:
-    """oneDNN's grouped convolution ran ~25% faster in channels-last layout on CPU
-    (McMahan CNN, 3 clients: 12.7 -> 9.8 ms forward+backward); cuDNN's ran ~10% slower
-    in it on an H100 (graphed McMahan CNN round, 10 clients: 0.327 against 0.295 s), so
-    CUDA keeps the default layout."""
+    """Channels-last on CPU, where oneDNN's grouped convolution ran faster in it; the
+    default layout on CUDA, where cuDNN's ran slower in it (docs/engines.md)."""
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
 def _dropout(h: Tensor, p: float, training: bool) -> Tensor:
     """Inverted dropout, each element kept with probability 1 - p.
 
-    On CPU the mask is drawn here (`_keep_mask`): `F.dropout`'s bernoulli_ took 2.3 ms
-    for the 2-client CIFAR chunk's 250,880 activations, uniforms compared with p 0.6 ms
-    (A/B of the CIFAR round: 7.9-8.0 -> 7.2-7.4 ms per client-step). CUDA keeps
-    F.dropout's one fused kernel, as tested under graph capture."""
+    On CPU the mask is drawn here (`_keep_mask`), cheaper than `F.dropout`'s bernoulli_
+    (docs/engines.md). CUDA keeps F.dropout's one fused kernel, as tested under graph
+    capture."""
     if h.device.type != "cpu" or not training or not 0 < p < 1:
         return F.dropout(h, p, training)
     return h * _keep_mask(h, p)
@@ -206,10 +196,8 @@ def _keep_mask(h: Tensor, p: float) -> Tensor:
 
     Where p is a multiple of 2^-n for an n <= 8 (0.5, 0.25: the shipped models'), each
     element takes n random bits, looked up a byte at a time (`_keep_table`): the CPU
-    generator makes uniforms one Mersenne Twister draw each, and for the CIFAR CNN's
-    627,200 dropout inputs of a 5-client chunk those draws took 4.5 ms, the bit mask
-    0.75 ms in all (CIFAR rounds, 10 interleaved A/B pairs: median 7% faster in bf16, 5%
-    in fp32). Other p compare fp32 uniforms with p (a grid of 2^-24)."""
+    generator makes uniforms one Mersenne Twister draw each, which cost more than the
+    bits (docs/engines.md). Other p compare fp32 uniforms with p (a grid of 2^-24)."""
     bits = next((n for n in range(1, 9) if (p * 2**n).is_integer()), None)
     if bits is None:
         return torch.rand_like(h, dtype=torch.float32).ge_(p).mul_(1 / (1 - p))
@@ -248,9 +236,7 @@ class FlattenGrouped(torch.autograd.Function):
 
     A plain reshape hands back a default-layout gradient, and the max-pool backward
     that receives it next, its indices being channels-last, took a slow mixed-layout
-    path: 0.77 against 0.10 ms a client for pfl's CIFAR CNN at B=10 on CPU (its whole
-    2-client chunk step: 7-9% faster over 30 interleaved A/B runs; the MNIST CNN, whose
-    pool backward is cheaper, unchanged)."""
+    path on CPU (docs/engines.md)."""
 
     @staticmethod
     def forward(ctx, h: Tensor, m: int) -> Tensor:
@@ -288,8 +274,7 @@ def pool_before_relu(layers: Sequence[nn.Module]) -> list[nn.Module]:
     gradients agree too: where a window's maximum is positive both orders route it to
     the same (first) argmax, and elsewhere ReLU's gradient is 0 either way. So the
     result is bitwise the same, with ReLU's forward and backward on a quarter of the
-    elements. Eager chunk steps on CPU, 6 interleaved A/B runs, median ms a client-step:
-    McMahan CNN (10 clients, B=10) 4.24 -> 3.93, pfl's CIFAR CNN (2 clients) 6.29 -> 6.12."""
+    elements (measured in docs/engines.md)."""
     out = list(layers)
     for i in range(len(out) - 1):
         if isinstance(out[i], nn.ReLU) and isinstance(out[i + 1], nn.MaxPool2d):

@@ -6,16 +6,10 @@ allows:
 - CUDA: half the device's total memory. Steps are launch-bound there, so wider is
   faster until memory runs out. Total (not free) memory keeps the choice, and with it
   the float summation order, the same from run to run and after a resume.
-- CPU: a fixed 48 MiB working set. On CPU, the steps are memory- and compute-bound;
-  wide chunks fall out of cache and got slower. On the 2-core dev machine, the 2NN
-  peaked at 10-40 clients per chunk (4,065 client-steps/s at 10 against 2,042 at 1,000)
-  and the McMahan and CIFAR CNNs at 2 (185 against 139 at 10; 106 against 49 at 50).
-  48 MiB lands on those (30 clients for the 2NN, 3 and 2 for the CNNs).
-- CPU under bf16 autocast (`federated.amp`): 96 MiB. Its activations are half the size
-  and its convolutions several times faster, and wider chunks paid: the bf16 McMahan CNN
-  ran at 286-323 client-steps/s in chunks of 5 against 210-219 in chunks of 3 (2026-12-01,
-  interleaved runs; 48 MiB gives 2), pfl's CIFAR CNN at 182-187 in chunks of 5 against
-  122-187 in chunks of 2. 96 MiB gives 5 for both.
+- CPU: a fixed 48 MiB working set (96 MiB under bf16 autocast, `federated.amp`, whose
+  activations are half the size). On CPU, steps are memory- and compute-bound and wide
+  chunks fall out of cache; these budgets landed on the chunk sizes that ran fastest
+  for the shipped models (docs/engines.md).
 `federated.max_parallel_clients` replaces the estimate with a fixed size.
 """
 

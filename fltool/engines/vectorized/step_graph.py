@@ -2,9 +2,8 @@
 
 A round of small clients is launch-bound on a GPU: ten clients times ten examples is
 microseconds of arithmetic, while the eager step launches a hundred-odd kernels from
-Python. A graph replays the whole step -- gather the batch, forward, backward, FedProx
-term, SGD update, loss sum -- as one launch. On an H100 the 2NN round of 10 clients x 60
-steps went from 100 ms eager (1.7 ms a step) to 8 ms graphed.
+Python. A graph replays the whole step -- gather the batch, forward, backward, the
+algorithm's gradient terms, SGD update, loss sum -- as one launch.
 
 Everything the step touches lives in static buffers that the graph reads in place:
 the chunk's data, its whole step plan (index, mask, active; see `plan_chunk`), a step
