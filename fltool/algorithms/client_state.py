@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fltool.algorithms.api import Stacked
+from fltool.devices import host_to_device
 
 DEVICE_FRACTION = 0.25  # of a GPU's memory that client state may take before moving to the host
 
@@ -44,7 +45,7 @@ class ClientStore:
 
     def rows(self, ids: Sequence[int]) -> Stacked:
         """The clients' rows, (M, ...) on the training device, in the order of `ids`."""
-        index = torch.tensor(list(ids), dtype=torch.long, device=self.home)
+        index = host_to_device(torch.tensor(list(ids), dtype=torch.long), self.home)
         return {
             name: [t.index_select(0, index).to(self.device, non_blocking=True) for t in ts]
             for name, ts in self.tables.items()
@@ -57,6 +58,8 @@ class ClientStore:
                 table.index_copy_(0, index, new.to(self.home, table.dtype))
 
     def state_dict(self) -> dict[str, list[Tensor]]:
+        """The tables on the host: on CPU the live tables themselves (a copy of K clients'
+        state can be gigabytes), to be saved before the next round changes them."""
         return {name: [t.detach().cpu() for t in ts] for name, ts in self.tables.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

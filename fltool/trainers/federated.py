@@ -47,8 +47,7 @@ class FederatedState:
         self.optimizer = SERVER_OPTIMIZERS.get(cfg.server_optimizer.name)(cfg.server_optimizer, params)
 
     def state_dict(self) -> dict[str, Any]:
-        cpu = lambda named: {k: [t.detach().cpu().clone() for t in ts] for k, ts in named.items()}  # noqa: E731
-        return {"server": cpu(self.server), "clients": self.clients.state_dict(), "optimizer": cpu(self.optimizer.state)}
+        return {"server": on_host(self.server), "clients": self.clients.state_dict(), "optimizer": on_host(self.optimizer.state)}
 
     def load_state_dict(self, saved: Any, where: str) -> None:
         """Restore from a checkpoint's extra['algorithm'], refusing anything that is not
@@ -65,12 +64,15 @@ class FederatedState:
                 for k, ts in named.items()
             ):
                 raise FltoolError(f"{where}: checkpoint field 'extra[\"algorithm\"][\"{part}\"]' does not match this run's algorithm state")
-        device = next(iter(self.server.values()), [torch.zeros(0)])[0].device
-        for k, ts in self.server.items():
-            torch._foreach_copy_(ts, [t.to(device) for t in saved["server"][k]])
-        for k, ts in self.optimizer.state.items():
-            torch._foreach_copy_(ts, [t.to(ts[0].device) for t in saved["optimizer"][k]])
+        for live, part in ((self.server, "server"), (self.optimizer.state, "optimizer")):
+            for k, ts in live.items():
+                for t, value in zip(ts, saved[part][k], strict=True):
+                    t.copy_(value)
         self.clients.load_state_dict(saved["clients"])
+
+
+def on_host(named: dict[str, list[Tensor]]) -> dict[str, list[Tensor]]:
+    return {k: [t.detach().cpu().clone() for t in ts] for k, ts in named.items()}
 
 
 def build_algorithm(cfg: Config) -> FedAvg:

@@ -1,20 +1,29 @@
+"""Local training (`fltool.algorithms.local`): ClientUpdate of McMahan et al. 2017,
+Algorithm 1 (E epochs of minibatch SGD over B-sized batches of a fresh permutation), with
+each step's gradient handed to the algorithm's `adjust_gradients_` (FedProx's
+mu (w - w^t), Li et al. 2020 Eq. 2; SCAFFOLD's - c_i + c, Karimireddy et al. 2020 Alg. 1
+line 10)."""
+
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-
+import pytest
 import torch
 import torch.nn.functional as F
 
-from fltool.algorithms import LocalRule, batch_schedule, client_update, rule_for
-from fltool.algorithms.local import add_proximal_gradient_, local_objective, masked_cross_entropy, proximal_term
-from fltool.config.schema import FederatedConfig
-from fltool.run.checkpoint import load_checkpoint
-from fltool.engines.sequential import make_apply_fn
-from fltool.trainers.federated import build_clients, train_federated
-from fltool.run.rundir import create_run_dir, last_checkpoint
-from fltool.models.setup import seeded_model
-from fltool.data import load_dataset
+from fltool.algorithms import ALGORITHMS, LocalRule
+from fltool.algorithms.fedavg import FedAvg
+from fltool.algorithms.fedprox import FedProx, FedProxConfig
+from fltool.algorithms.local import (
+    batch_schedule,
+    client_update,
+    epoch_orders,
+    full_gradient,
+    masked_cross_entropy,
+    steps_per_epoch,
+)
+from fltool.algorithms.scaffold import Scaffold, ScaffoldConfig
+from fltool.config.schema import AlgorithmConfig, FederatedConfig
+from fltool.engines.base import make_apply_fn
 
 
 def tiny_linear_problem():
@@ -25,92 +34,35 @@ def tiny_linear_problem():
     return model, make_apply_fn(model), w0, torch.randn(9, 1, 2, 3), torch.randint(2, (9,))
 
 
-def test_modes_differ_only_in_the_local_rule():
-    fed = FederatedConfig(local_epochs=5, batch_size=10, lr=0.2, mu=0.5)
-    assert rule_for("fedavg", fed) == LocalRule(5, 10, 0.2, 0.0)
-    assert rule_for("fedprox", fed) == LocalRule(5, 10, 0.2, 0.5)
-    assert rule_for("fedsgd", fed) == LocalRule(1, None, 0.2, 0.0)
+def test_algorithms_share_fedavgs_local_rule_except_fedsgd():
+    """E, B, eta come from `federated`; FedSGD alone is one full-batch step (E=1, B=inf)."""
+    fed = FederatedConfig(local_epochs=5, batch_size=10, lr=0.2)
+    for name in ALGORITHMS.names():
+        algo = ALGORITHMS.get(name)(ALGORITHMS.config_class(name)(name=name), fed)
+        want = LocalRule(1, None, 0.2) if name == "fedsgd" else LocalRule(5, 10, 0.2)
+        assert algo.rule == want, name
+    assert {"fedavg", "fedsgd", "fedprox", "scaffold", "fednova"} <= set(ALGORITHMS.names())
 
 
 def test_batch_schedule_is_e_epochs_of_permutations():
+    """u_k = E * ceil(n_k / B) steps; each epoch visits every example once."""
     batches = batch_schedule(25, LocalRule(3, 10, 0.1), torch.Generator().manual_seed(0))
-    assert [b.numel() for b in batches] == [10, 10, 5] * 3  # u_k = E * ceil(n_k / B)
+    assert [b.numel() for b in batches] == [10, 10, 5] * 3
     for e in range(3):
         assert torch.equal(torch.sort(torch.cat(batches[3 * e : 3 * e + 3])).values, torch.arange(25))
+    orders = [torch.cat(batches[3 * e : 3 * e + 3]) for e in range(3)]
+    assert not torch.equal(orders[0], orders[1])  # a fresh permutation per epoch
     assert [b.numel() for b in batch_schedule(25, LocalRule(2, None, 0.1), torch.Generator())] == [25, 25]
+    assert steps_per_epoch(25, 10) == 3 and steps_per_epoch(25, None) == 1 and steps_per_epoch(10, 10) == 1
 
 
-def test_fedsgd_with_c_1_is_one_full_batch_step_on_the_union(make_config, tmp_path: Path):
-    cfg = make_config(
-        mode="fedsgd",
-        data={"partition": "dirichlet", "alpha": 0.5},  # unequal n_k
-        federated={"num_clients": 5, "fraction": 1.0, "rounds": 1, "lr": 0.3},
-    )
-    run_dir = create_run_dir(cfg)
-    train_federated(cfg, run_dir)
-    after = load_checkpoint(last_checkpoint(run_dir)).model
-
-    dataset = load_dataset(cfg.data, cfg.seed)
-    _, clients = build_clients(cfg, torch.device("cpu"))
-    assert len({c.n for c in clients}) > 1
-    union_x = torch.cat([c.x for c in clients])
-    union_y = torch.cat([c.y for c in clients])
-    model = seeded_model(cfg, dataset, torch.device("cpu"))
-    loss = F.cross_entropy(model(union_x), union_y)
-    loss.backward()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            expected = p - 0.3 * p.grad
-            torch.testing.assert_close(after[name], expected, rtol=1e-5, atol=1e-6)
-
-
-def test_fedprox_with_mu_zero_equals_fedavg(make_config):
-    avg = make_config(mode="fedavg", data={"partition": "dirichlet"})
-    prox = dataclasses.replace(avg, mode="fedprox", federated=dataclasses.replace(avg.federated, mu=0.0))
-    results = []
-    for cfg in (avg, prox):
-        run_dir = create_run_dir(cfg)
-        train_federated(cfg, run_dir)
-        results.append(load_checkpoint(last_checkpoint(run_dir)).model)
-    for name in results[0]:
-        assert torch.equal(results[0][name], results[1][name])
-
-
-def test_fedprox_gradient_carries_mu_times_drift():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
-    apply_fn = make_apply_fn(model)
-    anchor = [p.detach().clone() for p in model.parameters()]
-    params = [(a + 0.1 * torch.randn_like(a)).requires_grad_(True) for a in anchor]
-    x, y = torch.randn(7, 1, 3, 4), torch.randint(3, (7,))
-    mu = 0.7
-    prox_loss, ce = local_objective(apply_fn, params, anchor, x, y, mu)
-    plain_loss, _ = local_objective(apply_fn, params, anchor, x, y, 0.0)
-    g_prox = torch.autograd.grad(prox_loss, params)
-    g_plain = torch.autograd.grad(plain_loss, params)
-    for gp, g0, p, a in zip(g_prox, g_plain, params, anchor):
-        torch.testing.assert_close(gp - g0, mu * (p.detach() - a), rtol=1e-5, atol=1e-6)
-    drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-    torch.testing.assert_close(prox_loss - ce, mu / 2 * drift)  # the square, with mu/2
-
-
-def test_added_proximal_gradient_is_the_autograd_gradient_of_the_term():
-    """What the engines add to the cross-entropy gradient, per client and stacked."""
+def test_full_batch_orders_draw_nothing():
     g = torch.Generator().manual_seed(0)
-    anchor = [torch.randn(3, 4, generator=g), torch.randn(3, generator=g)]
-    stacked = [a + 0.1 * torch.randn(5, *a.shape, generator=g) for a in anchor]  # 5 clients
-    active = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
-    mu = 0.7
-    grads = [torch.zeros_like(p) for p in stacked]
-    add_proximal_gradient_(grads, stacked, anchor, mu, active)
-    for k in range(5):
-        params = [p[k].clone().requires_grad_(True) for p in stacked]
-        expected = torch.autograd.grad(proximal_term(params, anchor, mu), params)
-        one = [torch.zeros_like(p) for p in params]
-        add_proximal_gradient_(one, [p.detach() for p in params], anchor, mu)
-        for got, single, want in zip(grads, one, expected):
-            torch.testing.assert_close(single, want)
-            torch.testing.assert_close(got[k], want * active[k])
+    state = g.get_state()
+    assert torch.equal(epoch_orders(4, LocalRule(2, None, 0.1), g), torch.arange(4).expand(2, 4))
+    assert torch.equal(g.get_state(), state)
+    same = [batch_schedule(12, LocalRule(2, 5, 0.1), torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*same))
 
 
 def test_masked_cross_entropy_reduces_each_client_over_its_real_examples():
@@ -121,16 +73,23 @@ def test_masked_cross_entropy_reduces_each_client_over_its_real_examples():
     torch.testing.assert_close(ce[0], F.cross_entropy(logits[0, :3], y[0, :3]))
     assert ce[1] == 0  # a client with no real example left
     torch.testing.assert_close(masked_cross_entropy(logits, y), torch.stack([F.cross_entropy(z, t) for z, t in zip(logits, y)]))
+    torch.testing.assert_close(masked_cross_entropy(logits[0], y[0]), F.cross_entropy(logits[0], y[0]))
 
 
-def test_client_update_is_plain_sgd_on_the_schedule():
+def test_full_gradient_is_the_gradient_of_the_mean_loss_over_all_data():
+    """SCAFFOLD option I's g_i(x): every example of the client, at x."""
     model, apply_fn, w0, x, y = tiny_linear_problem()
-    rule = LocalRule(2, 4, 0.5)
-    batches = batch_schedule(9, rule, torch.Generator().manual_seed(1))
-    new, loss_sum = client_update(apply_fn, w0, x, y, rule, batches)
+    got = full_gradient(apply_fn, w0, x, y)
+    F.cross_entropy(model(x), y).backward()
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+    assert all(not t.requires_grad for t in got)
+
+
+def sgd_reference(model, x, y, batches, lr):
     ref = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 2))
     ref.load_state_dict(model.state_dict())
-    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    opt = torch.optim.SGD(ref.parameters(), lr=lr)
     total = 0.0
     for idx in batches:
         opt.zero_grad()
@@ -138,25 +97,58 @@ def test_client_update_is_plain_sgd_on_the_schedule():
         loss.backward()
         opt.step()
         total += loss.item()
-    for a, b in zip(new, ref.parameters()):
-        torch.testing.assert_close(a, b.detach())
-    assert abs(loss_sum.item() - total) < 1e-5
+    return [p.detach() for p in ref.parameters()], total
+
+
+def test_client_update_is_plain_sgd_on_the_schedule():
+    """FedAvg's ClientUpdate is torch.optim.SGD over the batches, from w without changing it."""
+    model, apply_fn, w0, x, y = tiny_linear_problem()
+    algo = FedAvg(AlgorithmConfig(), FederatedConfig(local_epochs=2, batch_size=4, lr=0.5))
+    batches = batch_schedule(9, algo.rule, torch.Generator().manual_seed(1))
+    new, loss_sum = client_update(apply_fn, w0, x, y, algo, batches, {})
+    want, total = sgd_reference(model, x, y, batches, 0.5)
+    for a, b in zip(new, want):
+        torch.testing.assert_close(a, b)
+    assert loss_sum.item() == pytest.approx(total, abs=1e-5)  # the sum of the minibatch losses
     assert all(torch.equal(a, b) for a, b in zip(w0, [p.detach() for p in model.parameters()]))
 
 
-def test_client_update_with_mu_is_sgd_on_the_fedprox_objective():
+def test_client_update_with_fedprox_is_sgd_on_the_proximal_objective():
+    """Li et al. 2020 Eq. 2: minimise h(w) = F(w) + (mu/2)||w - w^t||^2; autograd through
+    the written-out objective gives the same iterates, and they differ from plain SGD."""
     _, apply_fn, w0, x, y = tiny_linear_problem()
-    rule = LocalRule(3, 4, 0.5, mu=0.8)
-    batches = batch_schedule(9, rule, torch.Generator().manual_seed(1))
-    new, _ = client_update(apply_fn, w0, x, y, rule, batches)
+    fed = FederatedConfig(local_epochs=3, batch_size=4, lr=0.5)
+    algo = FedProx(FedProxConfig(name="fedprox", mu=0.8), fed)
+    batches = batch_schedule(9, algo.rule, torch.Generator().manual_seed(1))
+    new, _ = client_update(apply_fn, w0, x, y, algo, batches, {})
     params = [w.clone().requires_grad_(True) for w in w0]
-    for idx in batches:  # autograd through the written-out objective
-        loss, _ = local_objective(apply_fn, params, w0, x[idx], y[idx], rule.mu)
+    for idx in batches:
+        prox = 0.8 / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, w0))
+        loss = F.cross_entropy(apply_fn(params, x[idx]), y[idx]) + prox
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
             for p, g in zip(params, grads):
-                p -= rule.lr * g
+                p -= 0.5 * g
     for a, b in zip(new, params):
         torch.testing.assert_close(a, b.detach())
-    plain, _ = client_update(apply_fn, w0, x, y, LocalRule(3, 4, 0.5), batches)
+    plain, _ = client_update(apply_fn, w0, x, y, FedAvg(AlgorithmConfig(), fed), batches, {})
     assert any(not torch.allclose(a, b) for a, b in zip(new, plain))
+
+
+def test_client_update_with_scaffold_steps_along_g_minus_c_i_plus_c():
+    """Karimireddy et al. 2020 Algorithm 1 line 10: y <- y - eta_l (g(y) - c_i + c)."""
+    model, apply_fn, w0, x, y = tiny_linear_problem()
+    algo = Scaffold(ScaffoldConfig(name="scaffold"), FederatedConfig(local_epochs=2, batch_size=4, lr=0.5))
+    g = torch.Generator().manual_seed(5)
+    c = [torch.randn(p.shape, generator=g) for p in w0]
+    c_i = [torch.randn(1, *p.shape, generator=g) for p in w0]
+    context = algo.client_context({"c": c}, {"c": c_i}, w0)
+    batches = batch_schedule(9, algo.rule, torch.Generator().manual_seed(1))
+    new, _ = client_update(apply_fn, w0, x, y, algo, batches, context)
+    w = [t.clone() for t in w0]
+    for idx in batches:
+        leaves = [t.clone().requires_grad_(True) for t in w]
+        grads = torch.autograd.grad(F.cross_entropy(apply_fn(leaves, x[idx]), y[idx]), leaves)
+        w = [t - 0.5 * (gr - ci[0] + cc) for t, gr, ci, cc in zip(w, grads, c_i, c)]
+    for a, b in zip(new, w):
+        torch.testing.assert_close(a, b)
