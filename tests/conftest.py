@@ -39,7 +39,8 @@ def tiny_config(tmp_path: Path, **sections: dict | object) -> Config:
     """A fast synthetic experiment; keyword arguments override sections or top-level keys."""
     raw: dict = {
         "name": "tiny",
-        "mode": "fedavg",
+        "mode": "federated",
+        "algorithm": {"name": "fedavg"},
         "seed": 0,
         "device": "cpu",
         "data": {"dataset": "synthetic", "partition": "iid", "synthetic": {"train_size": 400, "test_size": 200, "shape": [1, 8, 8]}},

@@ -15,14 +15,14 @@ GOOD = Path(__file__).resolve().parents[1] / "configs" / "fedavg_mnist.yaml"
 CASES = {
     "unknown key with suggestion": ("federated:\n  rouns: 3\n", [], ["federated.rouns: unknown key; did you mean 'federated.rounds'?"]),
     "unknown top-level key": ("modle: {name: mlp}\n", [], ["modle: unknown key; did you mean 'model'?"]),
-    "bad mode lists allowed": ("mode: fedsdg\n", [], ["mode: must be one of fedavg, fedsgd, fedprox, ddp"]),
+    "bad mode lists allowed": ("mode: fedsdg\n", [], ["mode: must be one of federated, ddp; got 'fedsdg'"]),
     "bad dataset": ("data: {dataset: cifar100}\n", [], ["data.dataset: must be one of mnist, fashion_mnist, synthetic"]),
     "bad partition": ("data: {partition: random}\n", [], ["data.partition: must be one of iid, shards, dirichlet"]),
     "fraction above one": ("federated: {fraction: 1.5}\n", [], ["federated.fraction: must be in (0, 1], got 1.5"]),
     "fraction zero": ("federated: {fraction: 0}\n", [], ["federated.fraction: must be in (0, 1]"]),
     "no clients": ("federated: {num_clients: 0}\n", [], ["federated.num_clients: must be >= 1, got 0"]),
     "negative lr": ("federated: {lr: -0.1}\n", [], ["federated.lr: must be a finite number > 0, got -0.1"]),
-    "negative mu": ("mode: fedprox\nfederated: {mu: -1}\n", [], ["federated.mu: must be a finite number >= 0, got -1.0"]),
+    "negative mu": ("algorithm: {name: fedprox, mu: -1}\n", [], ["algorithm.mu: must be a finite number >= 0, got -1.0"]),
     "rounds not a number": ("federated: {rounds: five}\n", [], ["federated.rounds: expected an integer >= 1, got 'five'"]),
     "bool is not an int": ("federated: {rounds: true}\n", [], ["federated.rounds: expected an integer"]),
     "batch size zero": ("federated: {batch_size: 0}\n", [], ["federated.batch_size: must be >= 1, got 0"]),
@@ -40,7 +40,7 @@ CASES = {
     ),
     "infinite lr": ("federated: {lr: .inf}\n", [], ["federated.lr: must be a finite number > 0, got inf"]),
     "infinite alpha": ("data: {partition: dirichlet, alpha: .inf}\n", [], ["data.alpha: must be a finite number > 0"]),
-    "nan mu": ("federated: {mu: .nan}\n", [], ["federated.mu: must be a finite number >= 0, got nan"]),
+    "nan mu": ("algorithm: {name: fedprox, mu: .nan}\n", [], ["algorithm.mu: must be a finite number >= 0, got nan"]),
     "timeout beyond a year": (None, ["ddp.timeout_s=99999999999999"], ["ddp.timeout_s: must be in [1, 31536000] (a year)"]),
     "seed beyond torch's range": ("seed: 18446744073709551616\n", [], ["seed: must be in [0, 2**63)"]),
     "name with a path": ("name: ../../elsewhere\n", [], ["name: must be a non-empty name without '/'"]),
@@ -83,7 +83,7 @@ HUGE = "1" + "0" * 400
 # (yaml text or None for GOOD, overrides, the exact stderr lines; {path} is the file)
 EXACT = {
     "repeated section": (
-        "federated:\n  rounds: 3\nmode: fedavg\nfederated:\n  lr: 0.5\n",
+        "federated:\n  rounds: 3\nmode: federated\nfederated:\n  lr: 0.5\n",
         [],
         ["error: {path}: federated: duplicate key (line 4); each key may appear once"],
     ),
@@ -115,7 +115,9 @@ EXACT = {
     ),
     "integer beyond float": (None, [f"federated.lr={HUGE}"], ["error: command line: federated.lr: must be a finite number > 0, got inf"]),
     "negative integer beyond float": (
-        None, [f"federated.mu=-{HUGE}"], ["error: command line: federated.mu: must be a finite number >= 0, got -inf"],
+        None,
+        ["algorithm.name=fedprox", f"algorithm.mu=-{HUGE}"],
+        ["error: command line: algorithm.mu: must be a finite number >= 0, got -inf"],
     ),
     "integer beyond int64": (
         None,
@@ -195,7 +197,7 @@ def test_missing_config_file(tmp_path: Path):
 
 def test_config_that_is_not_utf8(tmp_path: Path):
     path = tmp_path / "utf16.yaml"
-    path.write_bytes("mode: fedavg\n".encode("utf-16"))
+    path.write_bytes("mode: federated\n".encode("utf-16"))
     result = CliRunner().invoke(app, ["train", str(path)])
     assert result.exit_code == 2
     assert result.stderr.strip() == f"error: {path}: not a UTF-8 text file"
@@ -219,3 +221,81 @@ def test_print_config_prints_resolved_yaml_and_exits():
     assert result.exit_code == 0
     assert "rounds: 4" in result.stdout
     assert "name: fedavg_mnist" in result.stdout
+
+
+# -- the registry sections (algorithm, server_optimizer, aggregator) and legacy spellings -
+
+ALGORITHM_NAMES = "fedavg, fednova, fedprox, fedsgd, scaffold"
+# (yaml text or None for GOOD, overrides, the exact stderr lines; {path} is the file)
+CHOICE_ERRORS = {
+    "unknown algorithm": (
+        "algorithm: {name: fedadam}\n", [], [f"error: {{path}}: algorithm.name: must be one of {ALGORITHM_NAMES}; got 'fedadam'"],
+    ),
+    "unknown server optimizer": (
+        "server_optimizer: {name: rmsprop, lr: 0.1}\n",
+        [],
+        ["error: {path}: server_optimizer.name: must be one of sgd, adagrad, adam, yogi; got 'rmsprop'"],
+    ),
+    "unknown aggregator": (
+        None, ["aggregator.name=krum"], ["error: command line: aggregator.name: must be one of mean, median; got 'krum'"],
+    ),
+    "negative mu": (
+        "algorithm:\n  name: fedprox\n  mu: -1\n", [], ["error: {path}: algorithm.mu: must be a finite number >= 0, got -1.0"],
+    ),
+    "mu for fedavg": ("algorithm: {name: fedavg, mu: 0.1}\n", [], ["error: {path}: algorithm.mu: unknown key; valid keys: name, plugin"]),
+    "scaffold option": (
+        None,
+        ["algorithm.name=scaffold", "algorithm.option=0"],
+        ["error: command line: algorithm.option: must be 1 or 2 (the paper's options I and II), got 0"],
+    ),
+    "legacy mode": (
+        "mode: fedprox\n", [], ["error: {path}: mode: fedprox is an algorithm now; write mode: federated and algorithm: {{name: fedprox}}"],
+    ),
+    "legacy mode on the command line": (
+        None, ["mode=fedsgd"], ["error: command line: mode: fedsgd is an algorithm now; write mode: federated and algorithm: {{name: fedsgd}}"],
+    ),
+    "legacy federated.mu": (
+        "federated: {rounds: 2, mu: 0.01}\n", [], ["error: {path}: federated.mu: is now algorithm.mu (with algorithm.name: fedprox)"],
+    ),
+    "legacy federated.server_lr": (
+        None, ["federated.server_lr=0.5"], ["error: command line: federated.server_lr: is now server_optimizer.lr"],
+    ),
+    "plugin that does not exist": (
+        "algorithm: {name: clipped_fedavg, plugin: no_such_module_xyz, max_norm: 1.0}\n",
+        [],
+        ["error: {path}: algorithm.plugin: cannot import 'no_such_module_xyz': No module named 'no_such_module_xyz'"],
+    ),
+    "plugin that does not exist, from the command line": (
+        None,
+        ["algorithm.plugin=no_such_pkg_xyz.algo"],
+        ["error: command line: algorithm.plugin: cannot import 'no_such_pkg_xyz.algo': No module named 'no_such_pkg_xyz'"],
+    ),
+}
+
+
+@pytest.mark.parametrize("print_it", [True, False], ids=["print-config", "train"])
+@pytest.mark.parametrize("name", list(CHOICE_ERRORS))
+def test_a_bad_choice_or_legacy_spelling_is_one_line_and_exit_2(name: str, print_it: bool, tmp_path: Path):
+    """Both `fltool train cfg.yaml` and `--print-config` refuse it before anything runs."""
+    text, overrides, expected = CHOICE_ERRORS[name]
+    path = GOOD
+    if text is not None:
+        path = tmp_path / "bad.yaml"
+        path.write_text(text)
+    args = ["train", str(path), *overrides, f"output.dir={tmp_path / 'runs'}"] + (["--print-config"] if print_it else [])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and result.stdout == ""
+    assert result.stderr.splitlines() == [line.format(path=path) for line in expected]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_print_config_shows_every_key_of_the_chosen_classes():
+    result = CliRunner().invoke(
+        app, ["train", str(GOOD), "algorithm.name=fedprox", "algorithm.mu=0.5", "server_optimizer.name=yogi", "--print-config"]
+    )
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "algorithm:\n  name: fedprox\n  plugin: null\n  mu: 0.5\n" in out
+    assert "server_optimizer:\n  name: yogi\n  lr: 0.01\n  beta1: 0.9\n  beta2: 0.99\n  tau: 0.001\n  bias_correction: false\n" in out
+    assert "aggregator:\n  name: mean\n" in out

@@ -68,7 +68,7 @@ def load_builtins() -> None:
     _loaded = True
     importlib.import_module(BUILTINS)
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        import_plugin(entry.value, f"entry point {entry.name!r}")
+        import_plugin(entry.module, f"entry point {entry.name!r}")  # "module" or "module:attr"
 
 
 def import_plugin(module: str, where: str) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,14 @@ from fltool.run.checkpoint import load_checkpoint
 from fltool.run.runner import resume_run, start_run
 from fltool.ui import PlainReporter
 
-from ddp_helpers import REPO, assert_same_model, ddp_config, load_model, run_cli
+# tests/distributed/conftest.py registers ddp_helpers only when that folder is collected
+# (first, in a whole-suite run); this file also runs on its own
+if "ddp_helpers" not in sys.modules:
+    _spec = importlib.util.spec_from_file_location("ddp_helpers", Path(__file__).parents[1] / "distributed" / "ddp_helpers.py")
+    sys.modules["ddp_helpers"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["ddp_helpers"])
+
+from ddp_helpers import REPO, assert_same_model, ddp_config, load_model, run_cli  # noqa: E402
 
 
 def _cfg(tmp_path: Path, name: str, **ddp):
@@ -74,7 +83,7 @@ def test_resuming_with_more_epochs_runs_the_stretched_schedule_from_the_first_st
 
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_interrupt_at_a_checkpoint_write_leaves_metrics_not_ahead_of_it(tmp_path, interrupt_checkpoint_write, when):
-    """As for federated runs (tests/engine/test_federated.py)."""
+    """As for federated runs (tests/trainers/test_federated.py)."""
     import fltool.trainers.ddp as trainer
 
     interrupt_checkpoint_write(trainer, 2, when)

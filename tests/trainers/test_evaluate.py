@@ -57,7 +57,7 @@ def test_a_row_with_an_infinite_logit_is_not_a_hit_even_where_argmax_is_right() 
 def test_eval_prints_a_class_without_test_examples_as_unmeasured(capsys) -> None:
     from fltool.ui import print_eval
 
-    report = {"checkpoint": "c.pt", "mode": "fedavg", "model": "mlp", "dataset": "synthetic", "round": 2,
+    report = {"checkpoint": "c.pt", "mode": "federated", "model": "mlp", "dataset": "synthetic", "round": 2,
               "examples": 3, "accuracy": 0.5, "loss": 0.7, "per_class_accuracy": [0.5, None]}
     print_eval(report)
     out = capsys.readouterr().out

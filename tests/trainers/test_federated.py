@@ -164,11 +164,13 @@ def test_checkpoint_every_writes_last_at_its_multiples_and_the_end(make_config):
 
 @pytest.mark.parametrize("engine", ["sequential", "vectorized"])
 def test_server_lr_scales_the_rounds_model_delta(make_config, engine):
-    """One round moves the global model by server_lr x (average - w0), so w(2) - w(1) is
-    twice w(1) - w(0.5), with w0 never needed."""
+    """One round moves the global model by server_optimizer.lr x (average - w0), so
+    w(2) - w(1) is twice w(1) - w(0.5), with w0 never needed."""
     model = {}
     for lr in (0.5, 1.0, 2.0):
-        cfg = make_config(federated={"rounds": 1, "server_lr": lr, "engine": engine}, output={"checkpoint_every": 1})
+        cfg = make_config(
+            federated={"rounds": 1, "engine": engine}, server_optimizer={"name": "sgd", "lr": lr}, output={"checkpoint_every": 1}
+        )
         model[lr] = load_checkpoint(last_checkpoint(run(cfg))).model
     for key in model[1.0]:
         torch.testing.assert_close(model[2.0][key] - model[1.0][key], 2 * (model[1.0][key] - model[0.5][key]))
@@ -204,21 +206,84 @@ def test_a_resume_keeps_the_chunk_size_an_out_of_memory_split_set(make_config, m
 
     real_train_chunk, chunk_sizes = VectorizedEngine.train_chunk, []
 
-    def transient_oom(self, global_params, chunk, rule, round_):
+    def transient_oom(self, global_params, chunk, job, context):
         chunk_sizes.append(len(chunk))
-        if round_ == 1 and len(chunk) > 2:
+        if job.round == 1 and len(chunk) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_train_chunk(self, global_params, chunk, rule, round_)
+        return real_train_chunk(self, global_params, chunk, job, context)
 
     monkeypatch.setattr(VectorizedEngine, "train_chunk", transient_oom)
     cfg = make_config(federated={"rounds": 4, "engine": "vectorized"})
     full = run(cfg)
     assert chunk_sizes[0] == 4 and max(chunk_sizes[1:]) == 2
     broken = interrupted_run(cfg, after_round=2)
-    assert load_checkpoint(last_checkpoint(broken)).extra == {"chunk_cap": 2}
+    extra = load_checkpoint(last_checkpoint(broken)).extra
+    assert set(extra) == {"chunk_cap", "algorithm"} and extra["chunk_cap"] == 2
     chunk_sizes.clear()
     resume_run(broken, [], PlainReporter())
     assert chunk_sizes and max(chunk_sizes) == 2
     a, b = (load_checkpoint(last_checkpoint(d)).model for d in (full, broken))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert strip_timing(read_metrics(full)) == strip_timing(read_metrics(broken))
+
+
+def test_the_checkpoint_carries_the_algorithm_state(make_config):
+    """extra['algorithm'] = {server, clients, optimizer}: what a resume needs besides the model."""
+    plain = load_checkpoint(last_checkpoint(run(make_config()))).extra["algorithm"]
+    assert plain == {"server": {}, "clients": {}, "optimizer": {}}  # FedAvg with plain sgd keeps none
+
+    cfg = make_config(algorithm={"name": "scaffold"}, server_optimizer={"name": "adam"})
+    ckpt = load_checkpoint(last_checkpoint(run(cfg)))
+    state = ckpt.extra["algorithm"]
+    shapes = [tuple(t.shape) for t in ckpt.model.values()]
+    assert set(state) == {"server", "clients", "optimizer"}
+    assert [tuple(t.shape) for t in state["server"]["c"]] == shapes
+    assert [tuple(t.shape) for t in state["clients"]["c"]] == [(8, *s) for s in shapes]  # every client's c_i
+    assert set(state["optimizer"]) == {"m", "v", "step"} and state["optimizer"]["step"][0].item() == 3
+    trained = {int(k) for row in ckpt.metrics for k in row["client_ids"]}
+    untouched = sorted(set(range(8)) - trained)
+    assert all(not t[trained_k].eq(0).all() for t in state["clients"]["c"] for trained_k in sorted(trained))
+    assert all(t[untouched].eq(0).all() for t in state["clients"]["c"])  # a client never sampled keeps c_i = 0
+
+
+STATEFUL = {
+    "scaffold-sgd-momentum": dict(algorithm={"name": "scaffold", "option": 2}, server_optimizer={"name": "sgd", "momentum": 0.9}),
+    "scaffold-option-1-vectorized": dict(algorithm={"name": "scaffold", "option": 1}, federated={"engine": "vectorized"}),
+    "fedprox-adam": dict(algorithm={"name": "fedprox", "mu": 0.1}, server_optimizer={"name": "adam", "bias_correction": True}),
+    "fednova-yogi-median": dict(algorithm={"name": "fednova"}, server_optimizer={"name": "yogi"}, aggregator={"name": "median"}),
+}
+
+
+@pytest.mark.parametrize("name", list(STATEFUL))
+def test_resume_of_a_stateful_algorithm_equals_the_uninterrupted_run(make_config, name):
+    """Control variates, server momentum and adaptive moments travel in the checkpoint,
+    so an interrupted run resumes bit for bit."""
+    sections = STATEFUL[name]
+    federated = {"rounds": 4, **sections.get("federated", {})}
+    cfg = make_config(**{**sections, "federated": federated}, data={"partition": "dirichlet"})
+    full = run(cfg)
+    broken = interrupted_run(cfg, after_round=2)
+    resume_run(broken, [], PlainReporter())
+    a, b = (load_checkpoint(last_checkpoint(d)) for d in (full, broken))
+    assert all(torch.equal(a.model[k], b.model[k]) for k in a.model)
+    sa, sb = a.extra["algorithm"], b.extra["algorithm"]
+    for part in ("server", "clients", "optimizer"):
+        assert sa[part].keys() == sb[part].keys()
+        assert all(torch.equal(x, y) for k in sa[part] for x, y in zip(sa[part][k], sb[part][k], strict=True))
+    assert strip_timing(read_metrics(full)) == strip_timing(read_metrics(broken))
+
+
+def test_a_checkpoint_without_this_algorithms_state_is_refused_on_resume(make_config, tmp_path):
+    from fltool.errors import FltoolError
+
+    cfg = make_config(algorithm={"name": "scaffold"}, federated={"rounds": 2})
+    broken = interrupted_run(cfg, after_round=1)
+    path = last_checkpoint(broken)
+    state = torch.load(path, weights_only=True)
+    state["extra"]["algorithm"]["server"] = {}
+    torch.save(state, path)
+    with pytest.raises(FltoolError) as info:
+        resume_run(broken, [], PlainReporter())
+    assert info.value.lines == [
+        f"{path}: checkpoint field 'extra[\"algorithm\"][\"server\"]' does not match this run's algorithm state"
+    ]
