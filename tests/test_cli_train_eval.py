@@ -378,12 +378,6 @@ def test_resume_refuses_to_change_the_algorithm_server_optimizer_or_aggregator(m
     assert set(saved["extra"]["algorithm"]["optimizer"]) == {"momentum"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="library bug: fltool/run/resume.py fixed_changes indexes the new config with every key of the old one; "
-    "a key only the checkpoint's algorithm has (algorithm.mu) raises KeyError, a traceback instead of a refusal",
-)
 def test_resume_refuses_a_checkpoint_of_another_algorithm(make_config, tmp_path: Path):
     from fltool.config import dump_config
 

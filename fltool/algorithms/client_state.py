@@ -29,7 +29,7 @@ class ClientStore:
         self.device = device
         self.num_clients = num_clients
         self.home = device
-        if device.type == "cuda":
+        if device.type == "cuda":  # (meta: a shape-only copy, to check a checkpoint against)
             budget = DEVICE_FRACTION * torch.cuda.get_device_properties(device).total_memory
             self.home = device if table_bytes(initial, num_clients) <= budget else torch.device("cpu")
         pin = self.home.type == "cpu" and device.type == "cuda"
@@ -39,7 +39,7 @@ class ClientStore:
 
     def _table(self, row: Tensor, pin: bool) -> Tensor:
         table = torch.zeros((self.num_clients, *row.shape), dtype=row.dtype, device=self.home, pin_memory=pin)
-        if bool(row.any()):  # zeros are the common start, and need no pass over the table
+        if row.device.type != "meta" and bool(row.any()):  # zeros, the common start, need no pass
             table.copy_(row.to(self.home).expand_as(table))
         return table
 

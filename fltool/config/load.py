@@ -35,13 +35,17 @@ RENAMED = {
     "federated.server_lr": "server_optimizer.lr",
 }
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read `path` (or start from defaults when None), apply `key=value` overrides, validate."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None, stored: bool = False) -> Config:
+    """Read `path` (or start from defaults when None), apply `key=value` overrides, validate.
+    `stored`: a config fltool wrote (a run's config.yaml), whose older spellings are
+    read as the new ones (`upgrade_stored`); a user's file gets an error naming them."""
     raw: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
         source = str(path)
         raw = read_yaml_mapping(Path(path))
+        if stored:
+            raw = upgrade_stored(raw)
     cli_errors: list[str] = []
     provenance: dict[str, str] = {}
     for item in overrides or []:
@@ -84,6 +88,24 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise FltoolError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
     return data
+
+
+def upgrade_stored(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config stored by an fltool from before algorithms had their own section (mode:
+    fedavg|fedsgd|fedprox, federated.mu, federated.server_lr), in today's spelling, so
+    its runs still resume and its checkpoints still evaluate."""
+    mode = raw.get("mode")
+    if mode not in LEGACY_MODES:
+        return raw
+    fed = dict(raw.get("federated") or {})
+    mu, server_lr = fed.pop("mu", None), fed.pop("server_lr", None)
+    algorithm: dict[str, Any] = {"name": mode}
+    if mode == "fedprox" and mu is not None:
+        algorithm["mu"] = mu
+    upgraded = {**raw, "mode": "federated", "federated": fed, "algorithm": algorithm}
+    if server_lr is not None:
+        upgraded["server_optimizer"] = {"name": "sgd", "lr": server_lr}
+    return upgraded
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -101,6 +101,14 @@ class AggregatorConfig:
 REGISTRY_SECTIONS = {"algorithm": "ALGORITHMS", "server_optimizer": "SERVER_OPTIMIZERS", "aggregator": "AGGREGATORS"}
 
 
+def _chosen(section: str, name: str):
+    """A default that is the registered class of `name` (sgd's has its momentum), so a
+    `Config()` built in code equals the defaults a YAML file gets."""
+    from fltool.config import registry
+
+    return field(default_factory=lambda: getattr(registry, REGISTRY_SECTIONS[section]).config_class(name)())
+
+
 @dataclass
 class DDPConfig:
     epochs: int = field(default=1, metadata=AT_LEAST_ONE)
@@ -146,9 +154,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)
-    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    algorithm: AlgorithmConfig = _chosen("algorithm", "fedavg")
+    server_optimizer: ServerOptimizerConfig = _chosen("server_optimizer", "sgd")
+    aggregator: AggregatorConfig = _chosen("aggregator", "mean")
     ddp: DDPConfig = field(default_factory=DDPConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

@@ -27,7 +27,7 @@ from fltool.ui import PlainReporter
 
 
 def run_worker(run_dir: Path) -> RunSummary:
-    cfg = load_config(run_dir / CONFIG_FILE)
+    cfg = load_config(run_dir / CONFIG_FILE, stored=True)
     ckpt = last_checkpoint(run_dir)
     resume: Checkpoint | None = load_checkpoint(ckpt) if ckpt.is_file() else None
     comm = TorchComm.from_env(cfg)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fltool.config import Config, config_from_dict, config_to_dict
+from fltool.config.load import upgrade_stored
 from fltool.data import data_shape
 from fltool.run.atomic import atomic_torch_save
 from fltool.errors import FltoolError
@@ -81,7 +82,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise FltoolError(f"{path}: checkpoint lacks {', '.join(missing)}")
     _check_fields(state, path)
     ckpt = Checkpoint(
-        config=config_from_dict(state["config"], f"{path} (stored config)"),
+        config=config_from_dict(upgrade_stored(state["config"]), f"{path} (stored config)"),
         round=state["round"],
         model=state["model"],
         metrics=state["metrics"],

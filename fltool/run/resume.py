@@ -15,6 +15,7 @@ from typing import Any
 from fltool.config import Config, load_config
 from fltool.config.load import read_yaml_mapping
 from fltool.run.checkpoint import Checkpoint, check_weights_fit, not_a_file
+from fltool.trainers.federated import check_algorithm_state
 from fltool.run.rundir import CONFIG_FILE, last_checkpoint
 from fltool.errors import FltoolError
 
@@ -52,14 +53,14 @@ def resume_config(run_dir: Path, overrides: list[str]) -> Config:
     ckpt = last_checkpoint(run_dir)
     if ckpt.exists() and not ckpt.is_file():
         raise FltoolError(not_a_file(ckpt))
-    cfg = load_config(path, overrides)
+    cfg = load_config(path, overrides, stored=True)
     problems = [
         f"command line: {key}: a resumed run goes on in {run_dir} (the run has {old!r}, got {new!r}); "
         "move or copy the directory to put it elsewhere"
         if key in RUN_LOCATION
         else f"command line: {key}: a resumed run cannot change it (the run has {old!r}, got {new!r}); "
         f"it may change {allowed_text()}"
-        for key, old, new in fixed_changes(load_config(path), cfg, RESUME_MAY_CHANGE)
+        for key, old, new in fixed_changes(load_config(path, stored=True), cfg, RESUME_MAY_CHANGE)
     ]
     if problems:
         raise FltoolError(*problems)
@@ -87,6 +88,8 @@ def check_resumable(ckpt: Checkpoint, cfg: Config, path: Path, world_size: int, 
             f"resume with {key} of at least {ckpt.round}"
         )
     check_weights_fit(ckpt, path, cfg)
+    if cfg.mode != "ddp":
+        check_algorithm_state(cfg, ckpt.extra.get("algorithm"), str(path))
     if cfg.mode == "ddp":
         lacking = [k for k in ("optimizer", "scheduler") if not isinstance(ckpt.extra.get(k), dict)]
         if lacking:
@@ -104,7 +107,10 @@ def fixed_changes(old: Config, new: Config, allowed: tuple[str, ...]) -> list[tu
     """(dotted key, old value, new value) for every setting that differs although it is
     not `allowed` (dotted keys, or prefixes ending in ".") to."""
     a, b = _flatten(dataclasses.asdict(old)), _flatten(dataclasses.asdict(new))
-    return [(key, a[key], b[key]) for key in a if a[key] != b[key] and not _matches(key, allowed)]
+    # another algorithm has other keys: one side's missing value shows as None
+    keys = [*a, *(k for k in b if k not in a)]
+    changed = [k for k in keys if (k in a) != (k in b) or a[k] != b[k]]
+    return [(k, a.get(k), b.get(k)) for k in changed if not _matches(k, allowed)]
 
 
 def _matches(key: str, allowed: tuple[str, ...]) -> bool:

@@ -12,6 +12,7 @@ checkpoint, so a resumed run continues bit for bit.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,12 @@ from torch import Tensor
 from fltool.algorithms import AGGREGATORS, ALGORITHMS, SERVER_OPTIMIZERS, Aggregate, ClientStore, FedAvg, Stacked, Upload
 from fltool.algorithms.sampling import generator_for, sample_clients
 from fltool.config import Config
-from fltool.data import load_dataset, partition
+from fltool.data import data_shape, load_dataset, partition
 from fltool.devices import keep_freed_host_memory, resolve_device
 from fltool.distributed.comm import Comm
 from fltool.engines import ClientData, CohortJob, Engine, VectorizedEngine, make_engine
 from fltool.errors import FltoolError
+from fltool.models import build_model
 from fltool.models.setup import seeded_model
 from fltool.run.checkpoint import Checkpoint, make_checkpoint, save_checkpoint
 from fltool.run.metrics import MetricsLog
@@ -46,29 +48,52 @@ class FederatedState:
         self.clients = ClientStore(algorithm.init_client_state(params), cfg.federated.num_clients, device)
         self.optimizer = SERVER_OPTIMIZERS.get(cfg.server_optimizer.name)(cfg.server_optimizer, params)
 
+    def parts(self) -> dict[str, dict[str, list[Tensor]]]:
+        return {"server": self.server, "clients": self.clients.tables, "optimizer": self.optimizer.state}
+
     def state_dict(self) -> dict[str, Any]:
         return {"server": on_host(self.server), "clients": self.clients.state_dict(), "optimizer": on_host(self.optimizer.state)}
 
     def load_state_dict(self, saved: Any, where: str) -> None:
-        """Restore from a checkpoint's extra['algorithm'], refusing anything that is not
-        exactly the state this algorithm keeps (names, shapes, dtypes)."""
-        mine = self.state_dict()
-        if not isinstance(saved, dict) or set(saved) != set(mine):
-            raise FltoolError(f"{where}: checkpoint field 'extra[\"algorithm\"]' is not this run's algorithm state")
-        for part, named in mine.items():
-            got = saved[part]
-            if not isinstance(got, dict) or set(got) != set(named) or any(
-                not isinstance(got[k], list)
-                or len(got[k]) != len(ts)
-                or any(not isinstance(g, Tensor) or g.shape != t.shape or g.dtype != t.dtype for g, t in zip(got[k], ts))
-                for k, ts in named.items()
-            ):
-                raise FltoolError(f"{where}: checkpoint field 'extra[\"algorithm\"][\"{part}\"]' does not match this run's algorithm state")
+        """Restore from a checkpoint's extra['algorithm'] (checked by `check_algorithm_state`)."""
+        check_algorithm_state_like(self.parts(), saved, where)
+        if saved is None:
+            return
         for live, part in ((self.server, "server"), (self.optimizer.state, "optimizer")):
             for k, ts in live.items():
                 for t, value in zip(ts, saved[part][k], strict=True):
                     t.copy_(value)
         self.clients.load_state_dict(saved["clients"])
+
+
+def check_algorithm_state(cfg: Config, saved: Any, where: str) -> None:
+    """Refuse, in one line, a checkpoint's extra['algorithm'] that is not exactly the
+    state this run's algorithm and server optimizer keep (names, shapes, dtypes). Built
+    on the meta device: nothing is allocated, and no data is needed."""
+    shape, classes = data_shape(cfg.data)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a Linear of zero inputs warns when built
+        params = [p.detach() for p in build_model(cfg.model.name, shape, classes).parameters()]
+        expected = FederatedState(cfg, build_algorithm(cfg), params, torch.device("meta")).parts()
+    check_algorithm_state_like(expected, saved, where)
+
+
+def check_algorithm_state_like(expected: dict[str, Any], saved: Any, where: str) -> None:
+    if saved is None and not any(expected.values()):
+        return  # a checkpoint from before algorithm state existed, of an algorithm that keeps none
+    if not isinstance(saved, dict) or set(saved) != set(expected):
+        raise FltoolError(f"{where}: checkpoint field 'extra[\"algorithm\"]' is not this run's algorithm state")
+    for part, named in expected.items():
+        got = saved[part]
+        if not isinstance(got, dict) or set(got) != set(named) or any(
+            not isinstance(got[k], list)
+            or len(got[k]) != len(ts)
+            or any(not isinstance(g, Tensor) or g.shape != t.shape or g.dtype != t.dtype for g, t in zip(got[k], ts))
+            for k, ts in named.items()
+        ):
+            raise FltoolError(
+                f"{where}: checkpoint field 'extra[\"algorithm\"][\"{part}\"]' does not match this run's algorithm state"
+            )
 
 
 def on_host(named: dict[str, list[Tensor]]) -> dict[str, list[Tensor]]:
