@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from fltool.config import Config, config_from_dict
 from fltool.run.checkpoint import Checkpoint
@@ -82,3 +83,12 @@ def interrupt_checkpoint_write(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setattr(module, "save_checkpoint", interrupting_save)
 
     return patch
+
+
+@pytest.fixture
+def one_thread():
+    """For tests of tiny tensors: one torch thread is faster than two contending."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -30,12 +30,8 @@ SEED = 0
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """The tensors here are tiny: one thread is faster than two fighting over a shared box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _tiny_tensors(one_thread):
+    """Every test here runs on one torch thread (see `one_thread`)."""
 
 
 @pytest.fixture(params=["sequential", "vectorized"])

@@ -51,13 +51,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 ENGINES = ["sequential", "vectorized"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster than two fighting over a shared box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_matrix_covers_every_registered_algorithm():
