@@ -26,6 +26,14 @@ shows 0 for an engine that stays below an earlier peak.
 forward passes under bf16 autocast (`federated.amp: bf16`); its ratio is still against
 the fp32 textbook loop, the reference.
 
+The engines run a round as `fltool train` does (`train_round`: the algorithm's hooks,
+the mean aggregator, the server optimizer), FedAvg with server sgd at lr 1 unless named.
+`--algorithms` (default: scaffold fedadam) adds a row per algorithm for each vectorized
+engine, `vectorized/scaffold`, and prints its client-steps/s against the same engine's
+FedAvg (rounds side by side when interleaved); the target is >= 0.8x. FedAdam is FedAvg
+with server Adam, one step a round, so it should match FedAvg; SCAFFOLD adds a gradient
+term to every local step and keeps every client's control variate.
+
 `--variant` switches the hand-batched step to another kernel arrangement for an A/B run
 (the same math; see VARIANTS). `--profile N` profiles one more round of each engine and
 prints its N most expensive ops (device time on CUDA, kernels inside CUDA graphs
@@ -34,6 +42,7 @@ included; CPU time otherwise).
     PYTHONPATH=. python scripts/bench_engines.py --workload 2nn --rounds 3 --device cpu
     PYTHONPATH=. python scripts/bench_engines.py --workload cnn --engines vectorized --profile 15
     PYTHONPATH=. python scripts/bench_engines.py --workload cnn --engines textbook textbook:bf16 vectorized vectorized:bf16
+    PYTHONPATH=. python scripts/bench_engines.py --workload 2nn --engines vectorized --algorithms scaffold scaffold1 fednova fedadam
 """
 
 from __future__ import annotations
@@ -54,15 +63,20 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from fltool.algorithms import LocalRule, server_update
+from fltool.algorithms import LocalRule
+from fltool.algorithms.client_state import table_bytes
 from fltool.algorithms.sampling import generator_for, sample_clients
-from fltool.config.schema import DataConfig, SyntheticConfig
+from fltool.algorithms.scaffold import ScaffoldConfig
+from fltool.algorithms.server_optimizers import AdaptiveConfig, SGDConfig
+from fltool.config.schema import AlgorithmConfig, Config, DataConfig, FederatedConfig, SyntheticConfig
 from fltool.data import load_dataset
 from fltool.devices import autocast_for, keep_freed_host_memory
+from fltool.distributed.comm import Comm
+from fltool.engines import ClientData, make_engine
 from fltool.engines.vectorized import batched_nets
 from fltool.engines.vectorized.batched_nets import make_batched_apply, supports
-from fltool.engines.sequential import ClientData, make_engine
 from fltool.models import build_model
+from fltool.trainers.federated import FederatedState, build_algorithm, train_round
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,21 @@ WORKLOADS = {
 
 
 ENGINES = ["textbook", "sequential", "vectorized", "grad-only", "flop-bound"]
+
+# Algorithms the vectorized engine also runs with `--algorithms` (each its own row,
+# `vectorized/NAME`, and its rate against the same engine's FedAvg): the client algorithm
+# and the server optimizer, as a config's `algorithm` and `server_optimizer` sections.
+# FedAdam is FedAvg's clients with Adam on the server (Reddi et al. 2021), once a round.
+ALGORITHMS = {
+    "fedavg": lambda w: (AlgorithmConfig(name="fedavg"), SGDConfig(name="sgd", lr=w.server_lr)),
+    "scaffold": lambda w: (ScaffoldConfig(name="scaffold"), SGDConfig(name="sgd", lr=w.server_lr)),
+    "scaffold1": lambda w: (ScaffoldConfig(name="scaffold", option=1), SGDConfig(name="sgd", lr=w.server_lr)),
+    "fednova": lambda w: (AlgorithmConfig(name="fednova"), SGDConfig(name="sgd", lr=w.server_lr)),
+    "fedadam": lambda w: (AlgorithmConfig(name="fedavg"), AdaptiveConfig(name="adam")),
+}
+ALGORITHM_TARGET = 0.8  # of vectorized FedAvg's client-steps/s, for every other algorithm
+# client state (SCAFFOLD's c_i for every client) that a CPU run may hold; more is skipped
+MAX_HOST_STATE_BYTES = 4 * 2**30
 
 VARIANTS = {
     "batched-linear": "every dense layer as BatchedLinear, on every device (default: CPU, >= 1M weights a client)",
@@ -143,12 +172,31 @@ def textbook_round(w: Workload, global_model: torch.nn.Module, clients: list[Cli
     global_model.load_state_dict(avg)
 
 
-def engine_round(engine, w: Workload, global_model: torch.nn.Module, clients: list[ClientData], r: int) -> None:
-    rule = LocalRule(epochs=w.epochs, batch_size=w.batch_size, lr=w.lr)
+def round_config(w: Workload, algorithm: str) -> Config:
+    """The config a trainer would run the workload's round with (what `train_round` reads)."""
+    algo, server = ALGORITHMS[algorithm](w)
+    federated = FederatedConfig(
+        num_clients=w.num_clients, fraction=w.fraction, local_epochs=w.epochs, batch_size=w.batch_size, lr=w.lr
+    )
+    return Config(federated=federated, algorithm=algo, server_optimizer=server)
+
+
+def make_engine_round(engine, w: Workload, global_model: torch.nn.Module, algorithm: str) -> Callable[[list[ClientData], int], None]:
+    """One round as `fltool train` runs it (`train_round`): the engine trains the cohort
+    through the algorithm's hooks, the mean aggregator combines the uploads, new client
+    state rows are stored, and the algorithm's server update steps the global model."""
+    cfg = round_config(w, algorithm)
     params = [p.detach() for p in global_model.parameters()]
-    result = engine.train_cohort(params, clients, rule, r)
-    with torch.no_grad():
-        torch._foreach_copy_(params, server_update(params, result.weighted.average(), w.server_lr))
+    algo = build_algorithm(cfg)
+    state = FederatedState(cfg, algo, params, params[0].device)
+    comm = Comm()
+
+    def run(clients: list[ClientData], r: int) -> None:
+        new, _ = train_round(engine, algo, state, params, clients, r, cfg, comm, len(clients))
+        with torch.no_grad():
+            torch._foreach_copy_(params, new)
+
+    return run
 
 
 def gradient_only(w: Workload, model: torch.nn.Module, chunk: int, device: torch.device) -> tuple[float, str]:
@@ -344,14 +392,61 @@ def make_runner(
     """A fresh global model (seed 0) and a function that trains round r of it."""
     torch.manual_seed(0)
     model = build_model(w.model, w.shape, 10).to(device)
-    base, _, amp = engine_name.partition(":")
+    engine_spec, _, algorithm = engine_name.partition("/")
+    base, _, amp = engine_spec.partition(":")
     if base == "textbook":
         return lambda r: textbook_round(w, model, cohorts[r], amp or "none")
     engine = make_engine(base, model, 0, args.max_parallel_clients, args.cuda_graphs, amp or "none")
-    return lambda r: engine_round(engine, w, model, cohorts[r], r)
+    run_round = make_engine_round(engine, w, model, algorithm or "fedavg")
+    return lambda r: run_round(cohorts[r], r)
 
 
-def print_row(timed: Timed, steps_per_round: float, ref: Timed | None) -> None:
+def with_algorithms(names: list[str], algorithms: list[str], w: Workload, device: torch.device) -> list[str]:
+    """The engines to time: each vectorized one (fp32 or bf16) followed by the same
+    engine running each other algorithm, `vectorized/scaffold`. An algorithm with
+    per-client state too large for the host is left out, with a note."""
+    out = []
+    for name in names:
+        out.append(name)
+        if name.partition(":")[0] != "vectorized":
+            continue
+        for algorithm in algorithms:
+            if algorithm == "fedavg":
+                continue
+            cfg = round_config(w, algorithm)
+            model = build_model(w.model, w.shape, 10)
+            state = build_algorithm(cfg).init_client_state([p.detach() for p in model.parameters()])
+            size = table_bytes(state, w.num_clients)
+            if device.type == "cpu" and size > MAX_HOST_STATE_BYTES:
+                print(f"({name}/{algorithm} skipped: its client state takes {size / 2**30:.1f} GiB)")
+                continue
+            out.append(f"{name}/{algorithm}")
+    return out
+
+
+def print_algorithm_ratios(timed: list[Timed], steps_per_round: float) -> None:
+    """Every other algorithm's client-steps/s on the vectorized engine against the same
+    engine's FedAvg (and, interleaved, the range over single rounds side by side)."""
+    by_name = {t.name: t for t in timed}
+    lines = []
+    for t in timed:
+        engine, _, algorithm = t.name.partition("/")
+        base = by_name.get(engine)
+        if not algorithm or base is None:
+            continue
+        ratio = base.seconds_per_round / t.seconds_per_round
+        spread = ""
+        if t.round_s and base.round_s:
+            ratios = sorted(a / b for a, b in zip(base.round_s, t.round_s, strict=True))
+            spread = f" (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})"
+        verdict = "ok" if ratio >= ALGORITHM_TARGET else "BELOW"
+        lines.append(f"  {algorithm:<10} {ratio:.2f}x {engine} FedAvg{spread}  {verdict}")
+    if lines:
+        print(f"client-steps/s against the same engine's FedAvg (target >= {ALGORITHM_TARGET}x):")
+        print("\n".join(lines), flush=True)
+
+
+def print_row(timed: Timed, steps_per_round: float, ref: Timed | None, width: int = 15) -> None:
     """Its rate and the ratio against the textbook loop; with rounds timed side by side
     (interleaved), also the lowest and highest ratio of single rounds."""
     seconds = timed.seconds_per_round
@@ -361,13 +456,13 @@ def print_row(timed: Timed, steps_per_round: float, ref: Timed | None) -> None:
         if timed is not ref and timed.round_s and ref.round_s:
             ratios = sorted(a / b for a, b in zip(ref.round_s, timed.round_s, strict=True))
             spread = f"   {ratios[0]:.2f}-{ratios[-1]:.2f}"
-    print(f"{timed.name:<15} {steps_per_round / seconds:>15,.0f} {seconds:>10.3f} {max(0.0, timed.peak_mib):>10.0f} "
+    print(f"{timed.name:<{width}} {steps_per_round / seconds:>15,.0f} {seconds:>10.3f} {max(0.0, timed.peak_mib):>10.0f} "
           f"{ratio:>11}{spread}", flush=True)
 
 
 def print_bound(
     engine_name: str, w: Workload, cohorts: dict[int, list[ClientData]], args: argparse.Namespace,
-    device: torch.device, steps_per_round: float, ref: Timed | None,
+    device: torch.device, steps_per_round: float, ref: Timed | None, width: int = 15,
 ) -> None:
     torch.manual_seed(0)
     model = build_model(w.model, w.shape, 10).to(device)
@@ -380,7 +475,7 @@ def print_bound(
         per_step, flops = flop_bound(w, model, device)
         detail = f"matmul/conv FLOPs at the fp32 matmul peak: {flops}"
     ratio = f"{ref.seconds_per_round / (per_step * steps_per_round):.2f}" if ref else "-"
-    print(f"{engine_name:<15} {1 / per_step:>15,.0f} {per_step * steps_per_round:>10.3f} {'-':>10} {ratio:>11}"
+    print(f"{engine_name:<{width}} {1 / per_step:>15,.0f} {per_step * steps_per_round:>10.3f} {'-':>10} {ratio:>11}"
           f"   ({detail})", flush=True)
 
 
@@ -404,15 +499,16 @@ def bench(name: str, w: Workload, args: argparse.Namespace, device: torch.device
         f"E={w.epochs}, B={w.batch_size}, {steps_per_round:.0f} client-steps/round, {args.rounds} rounds, {device}"
         + (", engines interleaved round by round" if interleave else "")
     )
-    header = f"{'engine':<15} {'client-steps/s':>15} {'s/round':>10} {'peak MiB':>10} {'x textbook':>11}"
-    names = [e for e in args.engines if e not in ("grad-only", "flop-bound")]
+    names = with_algorithms([e for e in args.engines if e not in ("grad-only", "flop-bound")], args.algorithms, w, device)
+    width = max(15, *(len(e) for e in names))
+    header = f"{'engine':<{width}} {'client-steps/s':>15} {'s/round':>10} {'peak MiB':>10} {'x textbook':>11}"
     if interleave:
         timed = [Timed(e, make_runner(e, w, cohorts, args, device)) for e in names]
         time_interleaved(timed, args.rounds, device)
         ref = next((t for t in timed if t.name == "textbook"), None)
         print(header + ("   rounds' ratios" if ref else ""))
         for t in timed:
-            print_row(t, steps_per_round, ref)
+            print_row(t, steps_per_round, ref, width)
     else:
         # one engine at a time, each released before the next: on CUDA a peak is absolute
         print(header)
@@ -421,12 +517,14 @@ def bench(name: str, w: Workload, args: argparse.Namespace, device: torch.device
             t = Timed(e, make_runner(e, w, cohorts, args, device))
             time_alone(t, args.rounds, device)
             ref = t if e == "textbook" else ref
-            print_row(t, steps_per_round, ref)
+            print_row(t, steps_per_round, ref, width)
             profile_engine(t, args, device)
             t.run_round = None
+            timed.append(t)
     for e in args.engines:
         if e in ("grad-only", "flop-bound"):
-            print_bound(e, w, cohorts, args, device, steps_per_round, ref)
+            print_bound(e, w, cohorts, args, device, steps_per_round, ref, width)
+    print_algorithm_ratios(timed, steps_per_round)
     if interleave:
         for t in timed:
             profile_engine(t, args, device)
@@ -444,6 +542,11 @@ def main(argv: list[str] | None = None) -> None:
         help="grad-only: the forward and backward kernels alone, a bound for every engine; "
         "flop-bound: the matmul/conv FLOPs at the device's fp32 matmul peak, a bound for any fp32 engine; "
         "ENGINE:bf16: with its forward passes under bf16 autocast (ratios stay against the fp32 textbook loop)",
+    )
+    parser.add_argument(
+        "--algorithms", nargs="*", choices=list(ALGORITHMS), default=["scaffold", "fedadam"],
+        help="also time the vectorized engine running these (rows vectorized/NAME), each against its FedAvg "
+        f"(target: >= {ALGORITHM_TARGET}x); fedadam: FedAvg with server Adam; none: pass the flag alone",
     )
     parser.add_argument("--max-parallel-clients", type=int, default=None, help="vectorized chunk size")
     parser.add_argument(

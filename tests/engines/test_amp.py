@@ -11,13 +11,14 @@ from typer.testing import CliRunner
 
 from fltool.cli import app
 from fltool.config import load_config
+from fltool.engines.base import make_apply_fn, with_amp
+from fltool.engines.sequential import SequentialEngine
 from fltool.engines.vectorized import batched_nets
-from fltool.engines.sequential import SequentialEngine, make_apply_fn, with_amp
-from fltool.run.metrics import read_metrics
 from fltool.engines.vectorized.engine import VectorizedEngine
 from fltool.models import build_model
+from fltool.run.metrics import read_metrics
 
-from .test_vectorized import RULES, SIZES, global_params, make_clients
+from .helpers import BASIC, SIZES, cohort_mean, global_params, make_algorithm, make_clients, relative_update_error
 
 MODELS = [("mlp", (1, 8, 8)), ("cnn", (1, 12, 12)), ("cnn_cifar", (3, 10, 10))]
 
@@ -31,27 +32,71 @@ def model_without_dropout(name: str, shape: tuple[int, ...]) -> nn.Module:
     return model
 
 
-def relative_update_error(a: list[torch.Tensor], b: list[torch.Tensor], start: list[torch.Tensor]) -> float:
-    """The largest ||a - b|| / ||a - start|| over the tensors: how far apart two updates are."""
-    return max(((x - y).norm() / (x - s).norm()).item() for x, y, s in zip(a, b, start, strict=True))
+def onednn_bf16() -> bool:
+    """Whether this CPU runs bf16 convolutions in oneDNN (avx512/AMX: fp32 accumulation
+    whatever the layout); elsewhere (e.g. AVX2) PyTorch falls back to its own
+    `_slow_conv2d`, im2col + bf16 GEMM + col2im, whose rounding depends on the layout."""
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(supported and supported())
 
 
-@pytest.mark.parametrize("mode", RULES)
+@pytest.mark.parametrize("mode", BASIC)
 @pytest.mark.parametrize("model_name,shape", MODELS)
-def test_bf16_engines_agree_and_differ_from_fp32(mode: str, model_name: str, shape: tuple[int, ...]) -> None:
+def test_bf16_engines_agree_and_differ_from_fp32(
+    mode: str, model_name: str, shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    """Both engines cast the same tensors, so with the same kernels their bf16 cohorts
+    agree to float summation order; and bf16 really ran.
+
+    Same kernels: the vectorized engine's convolutions take the sequential engine's
+    (contiguous) layout here. Its CPU default, channels-last, is a kernel choice that
+    changes bf16 rounding on CPUs without oneDNN bf16 (AVX2: `_slow_conv2d` in both
+    engines, whose bf16 input gradients then differ by ~0.7% a step between layouts,
+    as much as each differs from fp64): that layout is tested below for accuracy.
+    One local epoch (up to 8 steps): bf16 rounding is discontinuous, so over longer
+    schedules a rare 1-ulp difference in a dense layer's bf16 GEMM (batched against
+    per client) grows to bf16's own noise (measured on an AVX2 CPU: 7.5e-5 after E=1,
+    2.8e-2 after E=2 for the CNN)."""
+    monkeypatch.setattr(batched_nets, "conv_layout", lambda device: torch.contiguous_format)
     model = model_without_dropout(model_name, shape)
     clients, params = make_clients(shape), global_params(model)
-    fp32 = SequentialEngine(model, seed=3).train_cohort(params, clients, RULES[mode], 2)
-    seq = SequentialEngine(model, seed=3, amp="bf16").train_cohort(params, clients, RULES[mode], 2)
-    vec = VectorizedEngine(model, seed=3, amp="bf16").train_cohort(params, clients, RULES[mode], 2)
-    seq_avg, vec_avg = seq.weighted.average(), vec.weighted.average()
-    assert vec.weighted.total == sum(SIZES)
-    assert all(p.dtype == torch.float32 for p in vec_avg + seq_avg)  # fp32 weights, not a bf16 model
-    # both engines cast the same tensors, so they agree to ~1e-4 (measured: <= 1e-3)
-    assert relative_update_error(vec_avg, seq_avg, params) < 1e-2
+    algorithm = make_algorithm(mode, epochs=1)
+    fp32 = cohort_mean(SequentialEngine(model, seed=3), params, clients, algorithm, 2)
+    seq = cohort_mean(SequentialEngine(model, seed=3, amp="bf16"), params, clients, algorithm, 2)
+    vec = cohort_mean(VectorizedEngine(model, seed=3, amp="bf16"), params, clients, algorithm, 2)
+    assert vec.total_weight == sum(SIZES)
+    assert all(d.dtype == torch.float32 for d in vec.delta + seq.delta)  # fp32 weights, not a bf16 model
+    # measured: <= 1.2e-3 on an AVX2 CPU (AMD EPYC); <= 1e-3 on an AMX CPU over E=2
+    assert relative_update_error(vec.delta, seq.delta) < 1e-2
     torch.testing.assert_close(vec.loss_sum, seq.loss_sum, rtol=1e-3, atol=1e-3)
-    # and bf16 really ran: on these random-label batches it moves the update by 1-80%
-    assert relative_update_error(seq_avg, fp32.weighted.average(), params) > 1e-2
+    # and bf16 really ran: on these random-label batches it moves the update by 5-35%
+    assert relative_update_error(fp32.delta, seq.delta) > 1e-2
+
+
+@pytest.mark.parametrize("mode", ["fedavg", "fedprox"])
+@pytest.mark.parametrize("model_name,shape", MODELS)
+def test_bf16_vectorized_in_its_own_layout_is_as_accurate_as_sequential(
+    mode: str, model_name: str, shape: tuple[int, ...], one_thread: None
+) -> None:
+    """The vectorized engine as it runs by default on CPU (channels-last convolutions),
+    over two local epochs: its bf16 update is as close to the fp32 update as the
+    sequential engine's is, on every CPU (measured on AVX2: 0.92-1.11 times as far).
+    Where oneDNN runs the bf16 convolutions, both layouts accumulate in fp32 and the two
+    engines also agree with each other (<= 1e-3 measured on an AMX CPU); on AVX2 CPUs
+    they differ by bf16 noise, as far from each other as each is from fp32."""
+    assert batched_nets.conv_layout(torch.device("cpu")) == torch.channels_last
+    model = model_without_dropout(model_name, shape)
+    clients, params = make_clients(shape), global_params(model)
+    algorithm = make_algorithm(mode, epochs=2)
+    fp32 = cohort_mean(SequentialEngine(model, seed=3), params, clients, algorithm, 2)
+    seq = cohort_mean(SequentialEngine(model, seed=3, amp="bf16"), params, clients, algorithm, 2)
+    vec = cohort_mean(VectorizedEngine(model, seed=3, amp="bf16"), params, clients, algorithm, 2)
+    seq_error = relative_update_error(fp32.delta, seq.delta)
+    vec_error = relative_update_error(fp32.delta, vec.delta)
+    assert 1e-2 < vec_error < 1.5 * seq_error
+    torch.testing.assert_close(vec.loss_sum, seq.loss_sum, rtol=1e-2, atol=1e-2)
+    if onednn_bf16():
+        assert relative_update_error(vec.delta, seq.delta) < 1e-2
 
 
 def test_autocast_apply_returns_fp32_logits_from_a_bf16_forward() -> None:
@@ -101,8 +146,11 @@ def test_cpu_dropout_under_bf16_keeps_1_minus_p_exactly_in_distribution() -> Non
 
 
 def test_bf16_cnn_learns_real_mnist(mnist_root: Path, tmp_path: Path) -> None:
-    # McMahan CNN, IID, 10 clients x E=1, B=10, one round: observed 0.8653 with bf16 and
-    # 0.8611 in fp32 (seed 0, CPU, torch 2.14.1); 0.9369 and 0.9389 after two rounds
+    # McMahan CNN, IID, 10 clients x E=1, B=10, one round (seed 0, CPU, torch 2.14.1):
+    # observed 0.8653 with bf16 and 0.8611 in fp32 on an AMX CPU (0.9369 and 0.9389 after
+    # two rounds), 0.8451 with bf16 and 0.8532 in fp32 on an AVX2 CPU (AMD EPYC), whose
+    # kernels round differently: one round's accuracy moves by a few points with them.
+    # Chance is 0.1; a bf16 step that did not learn would stay far below the bound.
     config = Path(__file__).resolve().parents[2] / "configs" / "fedavg_mnist_cnn.yaml"
     overrides = ["federated.rounds=1", "federated.local_epochs=1", "federated.amp=bf16", f"output.dir={tmp_path}"]
     result = CliRunner().invoke(app, ["train", str(config), *overrides])
@@ -110,7 +158,7 @@ def test_bf16_cnn_learns_real_mnist(mnist_root: Path, tmp_path: Path) -> None:
     (run_dir,) = list(tmp_path.glob("*/*"))
     assert load_config(run_dir / "config.yaml").federated.amp == "bf16"
     (row,) = read_metrics(run_dir)
-    assert row["test_accuracy"] >= 0.85
+    assert row["test_accuracy"] >= 0.82
 
 
 def test_bf16_on_cpu_sizes_chunks_to_twice_the_working_set() -> None:
@@ -123,6 +171,6 @@ def test_bf16_on_cpu_sizes_chunks_to_twice_the_working_set() -> None:
     assert device_memory_budget(cpu) == CPU_WORKING_SET_BYTES
     model = build_model("cnn", (1, 28, 28), 10)
     clients = make_clients((1, 28, 28), sizes=[30] * 12)
-    params, rule = global_params(model), RULES["fedavg"]
+    params, rule = global_params(model), make_algorithm("fedavg").rule
     assert VectorizedEngine(model, seed=0, amp="bf16").chunk_size(params, clients, rule) == 5
     assert VectorizedEngine(model, seed=0).chunk_size(params, clients, rule) == 3

@@ -9,7 +9,7 @@ from torch import nn
 
 from fltool.engines.vectorized import batched_nets
 from fltool.engines.vectorized.batched_nets import BatchedLinear, _dropout, autograd_linear, make_batched_apply, pool_before_relu
-from fltool.engines.sequential import make_apply_fn
+from fltool.engines.base import make_apply_fn
 from fltool.models import build_model
 
 BIAS_FREE_DENSE = nn.Sequential(  # a Linear without bias, and one whose input needs a gradient

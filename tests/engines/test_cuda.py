@@ -10,24 +10,37 @@ import pytest
 import torch
 from torch import nn
 
-from fltool.algorithms import LocalRule
+from fltool.engines.base import ClientData
+from fltool.engines.sequential import SequentialEngine
 from fltool.engines.vectorized import batched_nets, step_graph
+from fltool.engines.vectorized.engine import VectorizedEngine
+from fltool.models import build_model
 from fltool.run.checkpoint import load_checkpoint
-from fltool.engines.sequential import ClientData, SequentialEngine
 from fltool.run.metrics import read_metrics
 from fltool.run.rundir import last_checkpoint
 from fltool.run.runner import resume_run
-from fltool.engines.vectorized.engine import VectorizedEngine
-from fltool.models import build_model
 from fltool.ui import PlainReporter
 
-from .test_amp import relative_update_error
 from ..trainers.test_federated import interrupted_run, run, strip_timing
-from .test_vectorized import RULES, SIZES, assert_same, global_params, make_clients
+from .helpers import (
+    BASIC,
+    SIZES,
+    assert_same_outcome,
+    cohort_mean,
+    global_params,
+    initial_state,
+    make_algorithm,
+    make_clients,
+    relative_update_error,
+)
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
 MODELS = [("mlp", (1, 8, 8)), ("cnn", (1, 12, 12)), ("cnn_cifar", (3, 10, 10))]
+# SCAFFOLD adds a gradient term read from the context (c - c_i) inside the captured step;
+# option I also takes each client's full-data gradient before the replays
+GRAPHED = [*BASIC, "scaffold", "scaffold1"]
+STATE_SCALE = 0.01  # SCAFFOLD's c and c_i as after some rounds: its correction is not zero
 
 
 @pytest.fixture(autouse=True)
@@ -53,29 +66,35 @@ def cuda_model(name: str, shape: tuple[int, ...], dropout: bool = False) -> nn.M
     return model
 
 
-@pytest.mark.parametrize("mode", RULES)
+def cohort(engine, params, clients, mode: str, round_: int = 2, algorithm=None):
+    """The cohort's outcome from the same (random, for SCAFFOLD) algorithm state."""
+    algorithm = algorithm or make_algorithm(mode)
+    return cohort_mean(engine, params, clients, algorithm, round_, initial_state(algorithm, params, scale=STATE_SCALE))
+
+
+@pytest.mark.parametrize("mode", GRAPHED)
 @pytest.mark.parametrize("model_name,shape", MODELS)
 def test_graphed_vectorized_matches_sequential(mode: str, model_name: str, shape: tuple[int, ...]) -> None:
     model = cuda_model(model_name, shape)
     clients, params = on_cuda(make_clients(shape)), global_params(model)
-    seq = SequentialEngine(model, seed=3).train_cohort(params, clients, RULES[mode], 2)
+    seq = cohort(SequentialEngine(model, seed=3), params, clients, mode)
     engine = VectorizedEngine(model, seed=3)
-    vec = engine.train_cohort(params, clients, RULES[mode], 2)
+    vec = cohort(engine, params, clients, mode)
     assert len(engine.graphs.graphs) == 1  # it ran graphed
-    assert vec.weighted.total == seq.weighted.total == sum(SIZES)
-    assert_same(vec.weighted.average(), seq.weighted.average(), atol=1e-5)
-    torch.testing.assert_close(vec.loss_sum, seq.loss_sum, rtol=1e-5, atol=1e-4)
+    assert vec.total_weight == seq.total_weight == (len(SIZES) if mode.startswith("scaffold") else sum(SIZES))
+    assert_same_outcome(vec, seq, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", RULES)
+@pytest.mark.parametrize("mode", GRAPHED)
 @pytest.mark.parametrize("model_name,shape", MODELS)
 def test_graph_replays_compute_what_the_eager_steps_compute(mode: str, model_name: str, shape: tuple[int, ...]) -> None:
     model = cuda_model(model_name, shape)
     clients, params = on_cuda(make_clients(shape)), global_params(model)
-    eager = VectorizedEngine(model, seed=3, cuda_graphs=False).train_cohort(params, clients, RULES[mode], 2)
-    graphed = VectorizedEngine(model, seed=3).train_cohort(params, clients, RULES[mode], 2)
-    assert_same(graphed.weighted.average(), eager.weighted.average(), atol=1e-6)
-    torch.testing.assert_close(graphed.loss_sum, eager.loss_sum, rtol=1e-6, atol=1e-5)
+    eager = cohort(VectorizedEngine(model, seed=3, cuda_graphs=False), params, clients, mode)
+    engine = VectorizedEngine(model, seed=3)
+    graphed = cohort(engine, params, clients, mode)
+    assert len(engine.graphs.graphs) == 1
+    assert_same_outcome(graphed, eager, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("variant", ["batched-linear", "channels-last"])
@@ -89,33 +108,37 @@ def test_bench_variants_graphed_match_sequential(variant: str, model_name: str, 
         monkeypatch.setattr(batched_nets, "conv_layout", lambda device: torch.channels_last)
     model = cuda_model(model_name, shape)
     clients, params = on_cuda(make_clients(shape)), global_params(model)
-    seq = SequentialEngine(model, seed=3).train_cohort(params, clients, RULES["fedprox"], 2)
-    engine = VectorizedEngine(model, seed=3)
-    vec = engine.train_cohort(params, clients, RULES["fedprox"], 2)
-    assert len(engine.graphs.graphs) == 1
-    assert_same(vec.weighted.average(), seq.weighted.average(), atol=1e-5)
+    for mode in ("fedprox", "scaffold"):
+        seq = cohort(SequentialEngine(model, seed=3), params, clients, mode)
+        engine = VectorizedEngine(model, seed=3)
+        vec = cohort(engine, params, clients, mode)
+        assert len(engine.graphs.graphs) == 1
+        assert_same_outcome(vec, seq, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_name,shape", MODELS)
 def test_graphed_bf16_step_matches_eager_and_sequential(model_name: str, shape: tuple[int, ...]) -> None:
     """federated.amp=bf16 under capture: autocast's casts are graphed with the step (no
-    cast cache), so replays equal the eager bf16 steps and track the sequential engine."""
+    cast cache), so replays equal the eager bf16 steps and track the sequential engine
+    (cuDNN's bf16 convolutions accumulate in fp32 in either engine's layout)."""
     model = cuda_model(model_name, shape)
     clients, params = on_cuda(make_clients(shape)), global_params(model)
-    rule = RULES["fedprox"]
-    seq = SequentialEngine(model, seed=3, amp="bf16").train_cohort(params, clients, rule, 2)
-    eager = VectorizedEngine(model, seed=3, cuda_graphs=False, amp="bf16").train_cohort(params, clients, rule, 2)
+    algorithm = make_algorithm("fedprox")
+    seq = cohort(SequentialEngine(model, seed=3, amp="bf16"), params, clients, "fedprox", algorithm=algorithm)
+    eager = cohort(VectorizedEngine(model, seed=3, cuda_graphs=False, amp="bf16"), params, clients, "fedprox", algorithm=algorithm)
     engine = VectorizedEngine(model, seed=3, amp="bf16")
-    graphed = engine.train_cohort(params, clients, rule, 2)
+    graphed = cohort(engine, params, clients, "fedprox", algorithm=algorithm)
     assert len(engine.graphs.graphs) == 1
-    assert_same(graphed.weighted.average(), eager.weighted.average(), atol=1e-6)
-    assert relative_update_error(graphed.weighted.average(), seq.weighted.average(), params) < 1e-2
+    assert_same_outcome(graphed, eager, atol=1e-6, rtol=1e-6)
+    assert relative_update_error(graphed.delta, seq.delta) < 1e-2
 
 
-def test_graphs_are_reused_across_rounds_and_regrown_for_larger_cohorts(monkeypatch) -> None:
+@pytest.mark.parametrize("mode", ["fedprox", "scaffold"])
+def test_graphs_are_reused_across_rounds_and_regrown_for_larger_cohorts(mode: str, monkeypatch) -> None:
     """Chunks of two shapes (4 and 2 clients), cohorts that change size between rounds:
     every round equals the eager engine, and a graph is captured only for a new shape or
-    a cohort larger than its buffers."""
+    a cohort larger than its buffers. For SCAFFOLD every chunk brings its own clients'
+    correction into the graph's context buffers, and its state rows change each round."""
     captures = []
     capture = step_graph.StepGraph.capture
     monkeypatch.setattr(step_graph.StepGraph, "capture", lambda self: captures.append(1) or capture(self))
@@ -123,13 +146,17 @@ def test_graphs_are_reused_across_rounds_and_regrown_for_larger_cohorts(monkeypa
     params = global_params(model)
     graphed = VectorizedEngine(model, seed=3, max_parallel_clients=4)
     eager = VectorizedEngine(model, seed=3, max_parallel_clients=4, cuda_graphs=False)
-    rule = RULES["fedprox"]
+    algorithm = make_algorithm(mode)
+    states = [initial_state(algorithm, params, scale=STATE_SCALE) for _ in range(2)]
     cohorts = [SIZES, SIZES, [5, 9, 3, 11, 2, 7], [30, 41, 25, 50, 33, 28], [30, 41, 25, 50, 33, 28]]
     for r, sizes in enumerate(cohorts, start=1):
         clients = on_cuda(make_clients((1, 8, 8), sizes))
-        a = graphed.train_cohort(params, clients, rule, r)
-        b = eager.train_cohort(params, clients, rule, r)
-        assert_same(a.weighted.average(), b.weighted.average(), atol=1e-6)
+        a = cohort_mean(graphed, params, clients, algorithm, r, states[0])
+        b = cohort_mean(eager, params, clients, algorithm, r, states[1])
+        assert_same_outcome(a, b, atol=1e-6, rtol=1e-6)
+        for state, outcome in zip(states, (a, b)):  # the next round starts from the new rows
+            if outcome.rows:
+                state.clients.write(torch.tensor(sorted(outcome.ids)), outcome.rows)
     # rounds 1-2: shapes (4, 5) and (2, 5) captured once; round 3 fits them; round 4's
     # larger clients need larger buffers (the width stays 5), captured again, then reused
     assert len(captures) == 4
@@ -139,20 +166,32 @@ def test_graphs_are_reused_across_rounds_and_regrown_for_larger_cohorts(monkeypa
 def test_graphed_dropout_model_is_deterministic_per_seed() -> None:
     model = cuda_model("cnn_cifar", (3, 10, 10), dropout=True)
     clients, params = on_cuda(make_clients((3, 10, 10))), global_params(model)
-    rule = LocalRule(epochs=2, batch_size=5, lr=0.1)
-    runs = [VectorizedEngine(model, seed=3).train_cohort(params, clients, rule, 2) for _ in range(2)]
-    assert_same(runs[0].weighted.average(), runs[1].weighted.average(), atol=0.0)
-    other = VectorizedEngine(model, seed=3).train_cohort(params, clients, rule, 3)  # other round, other masks
-    assert any(not torch.equal(a, b) for a, b in zip(other.weighted.average(), runs[0].weighted.average()))
+    algorithm = make_algorithm("fedavg")
+    runs = [cohort_mean(VectorizedEngine(model, seed=3), params, clients, algorithm, 2) for _ in range(2)]
+    assert_same_outcome(runs[0], runs[1], atol=0.0, rtol=0.0)
+    other = cohort_mean(VectorizedEngine(model, seed=3), params, clients, algorithm, 3)  # other round, other masks
+    assert any(not torch.equal(a, b) for a, b in zip(other.delta, runs[0].delta))
 
 
-def test_cuda_run_is_reproducible_and_resumes_to_the_same_model(make_config) -> None:
-    cfg = make_config(device="cuda", data={"partition": "dirichlet"}, federated={"rounds": 4, "engine": "vectorized"})
+@pytest.mark.parametrize("algorithm", [{"name": "fedavg"}, {"name": "scaffold"}])
+def test_cuda_run_is_reproducible_and_resumes_to_the_same_model(make_config, algorithm: dict) -> None:
+    cfg = make_config(
+        mode="federated",
+        algorithm=algorithm,
+        device="cuda",
+        data={"partition": "dirichlet"},
+        federated={"rounds": 4, "engine": "vectorized"},
+    )
     runs = [run(cfg), run(cfg)]
     broken = interrupted_run(cfg, after_round=2)
     resume_run(broken, [], PlainReporter())
-    models = [load_checkpoint(last_checkpoint(d)).model for d in (*runs, broken)]
+    checkpoints = [load_checkpoint(last_checkpoint(d)) for d in (*runs, broken)]
+    models = [c.model for c in checkpoints]
     for other in models[1:]:
         assert all(torch.equal(models[0][k], other[k]) for k in models[0])
+    states = [c.extra["algorithm"] for c in checkpoints]  # SCAFFOLD's c and every c_i too
+    for other in states[1:]:
+        for part in ("server", "clients"):
+            assert all(torch.equal(a, b) for name in states[0][part] for a, b in zip(states[0][part][name], other[part][name]))
     metrics = [strip_timing(read_metrics(d)) for d in (*runs, broken)]
     assert metrics[0] == metrics[1] == metrics[2]
