@@ -55,7 +55,7 @@ class Scaffold(FedAvg):
         self, grads: list[Tensor], params: Sequence[Tensor], anchor: Sequence[Tensor], context: Stacked, active: Tensor
     ) -> None:
         for g, corr in zip(grads, context["correction"], strict=True):
-            g.add_(corr * per_client(active, corr))
+            g.addcmul_(corr, per_client(active, corr))
 
     def client_upload(self, global_params: Sequence[Tensor], params: Sequence[Tensor], context: Stacked, info: ClientInfo) -> Upload:
         delta = client_deltas(params, global_params)

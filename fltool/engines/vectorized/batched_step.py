@@ -113,6 +113,18 @@ def match_layout(params: list[Tensor], grads: Sequence[Tensor | LowRankGrad]) ->
     return out
 
 
+def in_layout_of(tensors: list[Tensor], params: Sequence[Tensor]) -> list[Tensor]:
+    """The algorithm's parameter-shaped context (SCAFFOLD's correction) in the memory
+    layout the stacked parameters took (`match_layout`), so that adding it to each
+    step's gradients is a linear sweep, not a strided one with a temporary."""
+    if len(tensors) != len(params):
+        return tensors
+    return [
+        torch.empty_like(p, dtype=t.dtype).copy_(t) if t.shape == p.shape and t.stride() != p.stride() else t
+        for t, p in zip(tensors, params, strict=True)
+    ]
+
+
 def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor | LowRankGrad], lr: float) -> None:
     """w_k <- w_k - lr * g_k for every client k in place: one fused foreach kernel, and
     for a `LowRankGrad` one GEMM that accumulates -lr * left @ right into the weights.

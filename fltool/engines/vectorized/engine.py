@@ -55,6 +55,7 @@ from fltool.engines.vectorized.batched_step import (
     BatchedCrossEntropy,
     ChunkPlan,
     full_batch_plan,
+    in_layout_of,
     match_layout,
     plan_chunk,
     step_grads,
@@ -212,6 +213,7 @@ class VectorizedEngine:
             ce, grads = step_grads(self.batched_cross_entropy, params, x, y, plan.index[s], plan.mask[s], plan.active[s])
             if s == 0:
                 params = match_layout(params, grads)
+                context = {name: in_layout_of(ts, params) for name, ts in context.items()}
             step_update(params, grads, anchor, algorithm, context, plan.active[s])
             ce_sums = ce_sums + ce.detach()
         return [p.detach() for p in params], ce_sums, plan, context
