@@ -39,8 +39,8 @@ def test_mean_is_the_weighted_average_streamed_over_chunks():
     """sum_k n_k Delta_k / sum_k n_k with n = (100, 300, 600), the cohort arriving as a
     chunk of two clients and then one (as the vectorized engine sends it)."""
     agg = MeanAggregator(AggregatorConfig())
-    agg.add(upload([[[1.0, 2.0], [3.0, 6.0]], [[10.0], [20.0]]], [100.0, 300.0], {"tau": [torch.tensor([2.0, 4.0])]}))
-    agg.add(upload([[[5.0, 0.0]], [[40.0]]], [600.0], {"tau": [torch.tensor([10.0])]}))
+    agg.add(torch.tensor([0, 1]), upload([[[1.0, 2.0], [3.0, 6.0]], [[10.0], [20.0]]], [100.0, 300.0], {"tau": [torch.tensor([2.0, 4.0])]}))
+    agg.add(torch.tensor([2]), upload([[[5.0, 0.0]], [[40.0]]], [600.0], {"tau": [torch.tensor([10.0])]}))
     loss = torch.tensor(7.0)
     out = agg.reduce(Comm(), [loss], clients=3, num_clients=9)
     torch.testing.assert_close(out.delta[0], torch.tensor([0.1 * 1 + 0.3 * 3 + 0.6 * 5, 0.1 * 2 + 0.3 * 6 + 0.6 * 0]))
@@ -66,8 +66,8 @@ def test_median_aggregator_is_unweighted_and_keeps_extras_weighted():
     """Deltas: coordinate-wise median over every client of every chunk, ignoring the
     weights; extras: the weighted mean all the same."""
     agg = MedianAggregator(AggregatorConfig(name="median"))
-    agg.add(upload([[[1.0, 9.0], [5.0, -1.0]]], [1.0, 1.0], {"c": [torch.tensor([[1.0], [2.0]])]}))
-    agg.add(upload([[[3.0, 4.0], [10.0, 0.0]]], [1.0, 5.0], {"c": [torch.tensor([[3.0], [4.0]])]}))
+    agg.add(torch.tensor([0, 1]), upload([[[1.0, 9.0], [5.0, -1.0]]], [1.0, 1.0], {"c": [torch.tensor([[1.0], [2.0]])]}))
+    agg.add(torch.tensor([2, 3]), upload([[[3.0, 4.0], [10.0, 0.0]]], [1.0, 5.0], {"c": [torch.tensor([[3.0], [4.0]])]}))
     out = agg.reduce(Comm(), [], clients=4, num_clients=4)
     torch.testing.assert_close(out.delta[0], torch.tensor([4.0, 2.0]))
     torch.testing.assert_close(out.extras["c"][0], torch.tensor([(1 + 2 + 3 + 5 * 4) / 8.0]))
@@ -79,9 +79,9 @@ def test_median_ignores_one_outlier_client_the_mean_does_not():
     honest = [[1.0, -1.0], [1.2, -0.9], [0.9, -1.1], [1.1, -1.05]]
     deltas = [[d] for d in honest] + [[[1e6, -1e6]]]
     mean, median = MeanAggregator(AggregatorConfig()), MedianAggregator(AggregatorConfig(name="median"))
-    for d in deltas:
+    for k, d in enumerate(deltas):
         for agg in (mean, median):
-            agg.add(Upload(delta=[torch.tensor(d)], weight=torch.tensor([10.0])))
+            agg.add(torch.tensor([k]), Upload(delta=[torch.tensor(d)], weight=torch.tensor([10.0])))
     got = median.reduce(Comm(), [], 5, 5).delta[0]
     torch.testing.assert_close(got, torch.tensor([1.1, -1.05]))  # the 3rd of 5 sorted values
     assert abs(mean.reduce(Comm(), [], 5, 5).delta[0][0].item()) > 1e5
@@ -107,8 +107,8 @@ def test_median_in_the_real_round_is_x_plus_the_median_client_update(fl, engine)
 def test_an_empty_share_still_reduces(name):
     """A rank whose share of a small cohort is empty still calls add (with no clients)."""
     agg = AGGREGATORS.get(name)(AggregatorConfig(name=name))
-    agg.add(Upload(delta=[torch.zeros(0, 2)], weight=torch.zeros(0), extras={"tau": [torch.zeros(0)]}))
-    agg.add(Upload(delta=[torch.tensor([[2.0, 4.0]])], weight=torch.tensor([3.0]), extras={"tau": [torch.tensor([5.0])]}))
+    agg.add(torch.zeros(0, dtype=torch.long), Upload(delta=[torch.zeros(0, 2)], weight=torch.zeros(0), extras={"tau": [torch.zeros(0)]}))
+    agg.add(torch.tensor([4]), Upload(delta=[torch.tensor([[2.0, 4.0]])], weight=torch.tensor([3.0]), extras={"tau": [torch.tensor([5.0])]}))
     out = agg.reduce(Comm(), [], 1, 3)
     torch.testing.assert_close(out.delta[0], torch.tensor([2.0, 4.0]))
     torch.testing.assert_close(out.extras["tau"][0], torch.tensor(5.0))

@@ -124,7 +124,7 @@ def cohort_mean(
     def collect(chunk_ids: Tensor, upload: Upload) -> None:
         assert upload.weight.shape == chunk_ids.shape
         assert all(d.shape[0] == chunk_ids.shape[0] for d in upload.delta)
-        aggregator.add(upload)
+        aggregator.add(chunk_ids, upload)
         ids.extend(chunk_ids.tolist())
         weights.append(upload.weight.detach().sum())
         if upload.state:

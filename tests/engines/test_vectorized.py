@@ -168,7 +168,7 @@ def test_an_empty_share_of_the_cohort_uploads_nothing_but_the_shapes(engine: str
 
         def collect(ids: torch.Tensor, upload: Upload) -> None:
             uploads.append((ids, upload))
-            aggregator.add(upload)
+            aggregator.add(ids, upload)
 
         def context_for(ids: list[int]):
             return algorithm.client_context(state.server, state.clients.rows(ids), params)

@@ -1,13 +1,8 @@
-"""Aggregators: how the cohort's uploads become one update.
+"""What aggregators share: weighted sums streamed over chunks, and the base of the
+aggregators that need every update at once.
 
-- mean: sum_k w_k delta_k / sum_k w_k, streamed chunk by chunk, so a cohort's updates
-  are never held at once; under `launch` the partial sums are all-reduced.
-- median: the coordinate-wise median of the deltas (Yin et al. 2018), unweighted,
-  the mean of the two middle values for an even cohort. It needs every update at
-  once: they are gathered (all-gathered under `launch`).
-Extras (`Upload.extras`) are always the weighted mean, whatever combines the deltas.
-`comm` is the trainer's `fltool.distributed.comm.Comm`: in one process its
-collectives do nothing.
+`comm` is the trainer's `fltool.distributed.comm.Comm`: in one process its collectives
+do nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +14,6 @@ import torch
 from torch import Tensor
 
 from fltool.algorithms.api import Aggregate, Upload
-from fltool.config.registry import AGGREGATORS
 from fltool.config.schema import AggregatorConfig
 
 
@@ -64,49 +58,37 @@ class WeightedSums:
         return {name: torch._foreach_div(sums, self.total) for name, sums in self.sums.items()}
 
 
-@AGGREGATORS.register("mean", AggregatorConfig)
-class MeanAggregator:
+class GatheredAggregator:
+    """The base of an aggregator that needs the whole cohort's updates at once.
+
+    Each chunk's deltas are flattened to (M, P) rows; `reduce` gathers every rank's rows
+    and orders them by client id, so the result depends neither on how the cohort was
+    chunked nor on how it was split over ranks, then calls `combine` once. A subclass
+    writes only `combine` (and its config class, with any check on the cohort size)."""
+
     def __init__(self, config: AggregatorConfig) -> None:
-        self.sums = WeightedSums()
-
-    def add(self, upload: Upload) -> None:
-        self.sums.add({"delta": upload.delta, **{f"extra.{k}": v for k, v in upload.extras.items()}}, upload.weight)
-
-    def reduce(self, comm: Any, also: Sequence[Tensor], clients: int, num_clients: int) -> Aggregate:
-        """Sum over ranks (with `also`, in the same collective) and divide."""
-        comm.all_reduce_sum([*self.sums.tensors(), *also])
-        means = self.sums.means()
-        extras = {k.removeprefix("extra."): v for k, v in means.items() if k.startswith("extra.")}
-        return Aggregate(delta=means["delta"], extras=extras, clients=clients, num_clients=num_clients)
-
-
-@AGGREGATORS.register("median", AggregatorConfig)
-class MedianAggregator:
-    def __init__(self, config: AggregatorConfig) -> None:
-        self.deltas: list[list[Tensor]] = []
+        self.config = config
+        self.ids: list[Tensor] = []
+        self.weights: list[Tensor] = []
+        self.rows: list[Tensor] = []
+        self.shapes: list[torch.Size] = []
         self.extras = WeightedSums()
 
-    def add(self, upload: Upload) -> None:
-        self.deltas.append(upload.delta)
+    def add(self, ids: Tensor, upload: Upload) -> None:
+        self.shapes = [d.shape[1:] for d in upload.delta]
+        self.ids.append(ids)
+        self.weights.append(upload.weight)
+        self.rows.append(torch.cat([d.reshape(d.shape[0], s.numel()) for d, s in zip(upload.delta, self.shapes)], dim=1))
         self.extras.add(upload.extras, upload.weight)
+
+    def combine(self, updates: Tensor, weights: Tensor) -> Tensor:
+        """(m, P) updates of m clients (ascending id) and their (m,) weights -> (P,)."""
+        raise NotImplementedError
 
     def reduce(self, comm: Any, also: Sequence[Tensor], clients: int, num_clients: int) -> Aggregate:
         comm.all_reduce_sum([*self.extras.tensors(), *also])
-        stacks = [torch.cat(parts) for parts in zip(*self.deltas, strict=True)]
-        gathered = comm.all_gather_rows(stacks)
-        return Aggregate(
-            delta=[coordinate_median(s) for s in gathered],
-            extras=self.extras.means(),
-            clients=clients,
-            num_clients=num_clients,
-        )
-
-
-def coordinate_median(stacked: Tensor) -> Tensor:
-    """The median over dim 0 of every coordinate; for an even count the mean of the two
-    middle values (torch.median would return the lower one)."""
-    m = stacked.shape[0]
-    ordered = stacked.sort(dim=0).values
-    if m % 2:
-        return ordered[m // 2].clone()
-    return (ordered[m // 2 - 1] + ordered[m // 2]) / 2
+        ids, weights, rows = comm.all_gather_rows([torch.cat(self.ids), torch.cat(self.weights), torch.cat(self.rows)])
+        order = ids.argsort()
+        combined = self.combine(rows[order], weights[order])
+        delta = [part.view(shape) for part, shape in zip(combined.split([s.numel() for s in self.shapes]), self.shapes, strict=True)]
+        return Aggregate(delta=delta, extras=self.extras.means(), clients=clients, num_clients=num_clients)
