@@ -134,7 +134,7 @@ def train_round(
         return algorithm.client_context(state.server, state.clients.rows(ids), global_params)
 
     def collect(ids: Tensor, upload: Upload) -> None:
-        aggregator.add(upload)
+        aggregator.add(ids, upload)
         if upload.state:
             new_rows.append((ids, upload.state))
 
