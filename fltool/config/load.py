@@ -348,6 +348,18 @@ def _cross_checks(cfg: Config, source: Callable[[str], str], errors: list[str]) 
         errors.append(
             f"{source('data.shards_per_client')}: data.shards_per_client: {shards} shards exceed the {size} training examples"
         )
+    cohort = max(1, round(cfg.federated.fraction * cfg.federated.num_clients))
+    _check_aggregator(cfg, source, errors, cohort)
+
+
+def _check_aggregator(cfg: Config, source: Callable[[str], str], errors: list[str], cohort: int) -> None:
+    """The aggregator must be able to combine a cohort of `cohort` updates (Krum needs
+    more than f + 2 of them, Bulyan 4f + 3): the sampled cohort, or fewer where clients
+    may not return theirs."""
+    found = cfg.aggregator.problem(cohort)
+    if found is not None:
+        key, text = found
+        errors.append(f"{source('aggregator.' + key)}: aggregator.{key}: {text}")
 
 
 def _check_synthetic_size(syn: SyntheticConfig, source: Callable[[str], str], errors: list[str]) -> None:

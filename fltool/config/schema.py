@@ -92,9 +92,16 @@ class ServerOptimizerConfig:
 @dataclass
 class AggregatorConfig:
     """How the clients' updates are combined: `mean` (weighted, streamed) or one that
-    needs every update at once (`median`)."""
+    needs every update at once (`median`, `krum`, ...); robust ones subclass this with
+    their settings and override `problem`."""
 
     name: str = "mean"
+
+    def problem(self, cohort: int) -> tuple[str, str] | None:
+        """(key, text) when this aggregator cannot combine `cohort` updates, e.g. Krum's
+        f too large for it; None when it can. Checked at load time for the cohort size
+        the federation samples (see `_check_aggregator` in `fltool.config.load`)."""
+        return None
 
 
 # sections whose class is chosen by their `name` key (see `fltool.config.registry`)
