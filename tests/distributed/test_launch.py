@@ -266,13 +266,17 @@ def test_federated_launch_with_fewer_sampled_clients_than_ranks(tmp_path):
         {"server_optimizer": {"name": "adam", "lr": 0.05}},
         # the median needs every update at once: all-gathered under launch
         {"aggregator": {"name": "median"}},
+        # Krum picks one update of the all-gathered rows by distances between them; f = 1
+        # needs more than 3 updates, so a cohort of 5, split over the two ranks
+        {"aggregator": {"name": "krum", "f": 1}, "federated": {"fraction": 0.5}},
     ],
-    ids=["scaffold", "fedadam", "median"],
+    ids=["scaffold", "fedadam", "median", "krum"],
 )
 @pytest.mark.parametrize("engine", ["sequential", "vectorized"])
 def test_federated_algorithms_under_launch_equal_one_process(sections: dict, engine: str, tmp_path):
     raw = {**_federated_config(), **sections}
-    raw["federated"] = {**raw["federated"], "engine": engine, "fraction": 0.3, "rounds": 3}
+    fed = {**_federated_config()["federated"], "engine": engine, "fraction": 0.3, "rounds": 3}
+    raw["federated"] = {**fed, **sections.get("federated", {})}
     ref = _single_process(tmp_path / "single", raw)
     done, two = _launch(tmp_path, "two", raw, "--nproc", "2")
     assert done.returncode == 0, done.stderr
