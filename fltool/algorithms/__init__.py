@@ -5,16 +5,17 @@ aggregators, which the config's `algorithm`, `server_optimizer` and `aggregator`
 sections choose from.
 """
 
-from fltool.algorithms import aggregators, fedavg, fednova, fedprox, fedsgd, scaffold, server_optimizers
+from fltool.algorithms import aggregators, attacks, fedavg, fednova, fedprox, fedsgd, scaffold, server_optimizers
 from fltool.algorithms.api import Aggregate, ClientInfo, LocalRule, Stacked, Upload
 from fltool.algorithms.client_state import ClientStore
 from fltool.algorithms.fedavg import FedAvg
 from fltool.algorithms.sampling import derive_seed, sample_clients
-from fltool.config.registry import AGGREGATORS, ALGORITHMS, SERVER_OPTIMIZERS
+from fltool.config.registry import AGGREGATORS, ALGORITHMS, ATTACKS, SERVER_OPTIMIZERS
 
 __all__ = [
     "AGGREGATORS",
     "ALGORITHMS",
+    "ATTACKS",
     "SERVER_OPTIMIZERS",
     "Aggregate",
     "ClientInfo",
@@ -24,6 +25,7 @@ __all__ = [
     "Stacked",
     "Upload",
     "aggregators",
+    "attacks",
     "derive_seed",
     "fedavg",
     "fednova",

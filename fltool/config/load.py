@@ -349,7 +349,28 @@ def _cross_checks(cfg: Config, source: Callable[[str], str], errors: list[str]) 
             f"{source('data.shards_per_client')}: data.shards_per_client: {shards} shards exceed the {size} training examples"
         )
     cohort = max(1, round(cfg.federated.fraction * cfg.federated.num_clients))
-    _check_aggregator(cfg, source, errors, cohort)
+    _check_clients(cfg, source, errors, cohort)
+    faults = cfg.clients
+    may_shrink = faults.dropout > 0 or (faults.stragglers > 0 and faults.straggler_policy == "drop")
+    # where clients may not return, a round goes ahead with as few as min_returned
+    _check_aggregator(cfg, source, errors, min(cohort, faults.min_returned) if may_shrink else cohort)
+
+
+def _check_clients(cfg: Config, source: Callable[[str], str], errors: list[str], cohort: int) -> None:
+    """Faults that leave no round able to run."""
+    faults = cfg.clients
+    if faults.min_returned > cohort:
+        errors.append(
+            f"{source('clients.min_returned')}: clients.min_returned: {faults.min_returned} is more than the "
+            f"{cohort} clients a round samples (federated.fraction x federated.num_clients)"
+        )
+    if faults.dropout == 1:
+        errors.append(f"{source('clients.dropout')}: clients.dropout: 1 means no client ever returns; must be below 1")
+    if faults.stragglers == 1 and faults.straggler_policy == "drop":
+        errors.append(
+            f"{source('clients.stragglers')}: clients.stragglers: 1 with straggler_policy drop discards every client; "
+            f"lower it or use straggler_policy partial"
+        )
 
 
 def _check_aggregator(cfg: Config, source: Callable[[str], str], errors: list[str], cohort: int) -> None:

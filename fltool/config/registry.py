@@ -56,6 +56,7 @@ class Registry:
 ALGORITHMS = Registry("algorithm")
 SERVER_OPTIMIZERS = Registry("server_optimizer")
 AGGREGATORS = Registry("aggregator")
+ATTACKS = Registry("attack")
 
 _loaded = False
 

@@ -72,6 +72,35 @@ class FederatedConfig:
 
 
 @dataclass
+class ClientsConfig:
+    """How sampled clients fail to do their part; every draw is seeded by (seed, round,
+    client), so reruns and resumes repeat it exactly."""
+
+    # probability that a sampled client never returns its update
+    dropout: float = field(default=0.0, metadata=UNIT_INTERVAL_CLOSED)
+    # a round in which fewer clients return fails: `on_too_few` resamples or skips it
+    min_returned: int = field(default=1, metadata=AT_LEAST_ONE)
+    on_too_few: Literal["resample", "skip"] = "resample"
+    # fraction of each round's clients that are slow (Li et al. 2020, section 5.2): each
+    # completes a uniformly drawn number of local epochs in [1, E] (or of steps)
+    stragglers: float = field(default=0.0, metadata=UNIT_INTERVAL_CLOSED)
+    straggler_work: Literal["epochs", "steps"] = "epochs"
+    # drop: stragglers are discarded (FedAvg in the paper); partial: their work counts (FedProx)
+    straggler_policy: Literal["drop", "partial"] = "drop"
+
+
+@dataclass
+class AttackConfig:
+    """Malicious clients, by attack name (`none` by default); each attack subclasses
+    this with its own settings."""
+
+    name: str = "none"
+    fraction: float = field(default=0.0, metadata=UNIT_INTERVAL_CLOSED)  # of the clients
+    # run: a fixed set of round(fraction * K) clients; round: round(fraction * cohort) drawn anew each round
+    per: Literal["run", "round"] = "run"
+
+
+@dataclass
 class AlgorithmConfig:
     """The federated algorithm, by name; each algorithm subclasses this with its own
     hyperparameters (`FedProxConfig` adds mu), and its file registers the pair."""
@@ -105,7 +134,12 @@ class AggregatorConfig:
 
 
 # sections whose class is chosen by their `name` key (see `fltool.config.registry`)
-REGISTRY_SECTIONS = {"algorithm": "ALGORITHMS", "server_optimizer": "SERVER_OPTIMIZERS", "aggregator": "AGGREGATORS"}
+REGISTRY_SECTIONS = {
+    "algorithm": "ALGORITHMS",
+    "server_optimizer": "SERVER_OPTIMIZERS",
+    "aggregator": "AGGREGATORS",
+    "attack": "ATTACKS",
+}
 
 
 def _chosen(section: str, name: str):
@@ -164,6 +198,8 @@ class Config:
     algorithm: AlgorithmConfig = _chosen("algorithm", "fedavg")
     server_optimizer: ServerOptimizerConfig = _chosen("server_optimizer", "sgd")
     aggregator: AggregatorConfig = _chosen("aggregator", "mean")
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    attack: AttackConfig = _chosen("attack", "none")
     ddp: DDPConfig = field(default_factory=DDPConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

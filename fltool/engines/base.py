@@ -29,6 +29,7 @@ class ClientData:
     id: int
     x: Tensor
     y: Tensor
+    steps: int | None = None  # this round's cap on local steps (a straggler's partial work)
 
     @property
     def n(self) -> int:
@@ -55,9 +56,10 @@ class Engine(Protocol):
         ...
 
 
-def client_batches(seed: int, round_: int, client_id: int, n: int, rule: LocalRule) -> list[Tensor]:
-    """The minibatch schedule of one client in one round; every engine uses exactly this."""
-    return batch_schedule(n, rule, generator_for(seed, "batches", round_, client_id))
+def client_batches(seed: int, round_: int, client: ClientData, rule: LocalRule) -> list[Tensor]:
+    """The minibatch schedule of one client in one round, cut at its step cap; every
+    engine uses exactly this (a straggler does the first steps of its full schedule)."""
+    return batch_schedule(client.n, rule, generator_for(seed, "batches", round_, client.id))[: client.steps]
 
 
 def client_epoch_orders(seed: int, round_: int, client_id: int, n: int, rule: LocalRule) -> Tensor:

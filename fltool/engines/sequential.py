@@ -39,7 +39,7 @@ class SequentialEngine:
             return loss_sum
         self.model.train()
         for client in clients:
-            batches = batches_on(client_batches(self.seed, job.round, client.id, client.n, algorithm.rule), client.x.device)
+            batches = batches_on(client_batches(self.seed, job.round, client, algorithm.rule), client.x.device)
             context = job.context_for([client.id])
             if algorithm.needs_global_gradient:
                 grad = full_gradient(self.apply_fn, global_params, client.x, client.y)

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fltool.algorithms import AGGREGATORS, ALGORITHMS, SERVER_OPTIMIZERS, Aggregate, ClientStore, FedAvg, Stacked, Upload
-from fltool.algorithms.sampling import generator_for, sample_clients
+from fltool.algorithms import AGGREGATORS, ALGORITHMS, ATTACKS, SERVER_OPTIMIZERS, Aggregate, ClientStore, FedAvg, Stacked, Upload
+from fltool.algorithms.attacks import Attack
 from fltool.config import Config
 from fltool.data import data_shape, load_dataset, partition
 from fltool.devices import keep_freed_host_memory, resolve_device
@@ -33,6 +33,7 @@ from fltool.models.setup import seeded_model
 from fltool.run.checkpoint import Checkpoint, make_checkpoint, save_checkpoint
 from fltool.run.metrics import MetricsLog
 from fltool.run.rundir import best_checkpoint, last_checkpoint
+from fltool.trainers.availability import RoundPlan, malicious_for_run, plan_round
 from fltool.trainers.evaluate import evaluate
 from fltool.trainers.progress import Progress, RunSummary, summarize
 
@@ -124,9 +125,12 @@ def train_round(
     cfg: Config,
     comm: Comm,
     cohort: int,
+    attack: Attack | None = None,
+    malicious: Tensor | None = None,
 ) -> tuple[list[Tensor], Tensor]:
     """One round of this process's `clients` (of a cohort of `cohort`): the new global
-    model and the cohort's summed loss (sum_k n_k * mean minibatch cross-entropy)."""
+    model and the cohort's summed loss (sum_k n_k * mean minibatch cross-entropy).
+    With an `attack`, `malicious` (K,) bool marks whose uploads it corrupts."""
     aggregator = AGGREGATORS.get(cfg.aggregator.name)(cfg.aggregator)
     new_rows: list[tuple[Tensor, Stacked]] = []
 
@@ -134,17 +138,48 @@ def train_round(
         return algorithm.client_context(state.server, state.clients.rows(ids), global_params)
 
     def collect(ids: Tensor, upload: Upload) -> None:
-        aggregator.add(ids, upload)
-        if upload.state:
+        if upload.state:  # a client remembers its honest state, whatever it sends
             new_rows.append((ids, upload.state))
+        if attack is not None and malicious is not None:
+            ids, upload = attack.corrupt(ids, upload, malicious[ids])
+        aggregator.add(ids, upload)
 
     loss_sum = engine.train_cohort(global_params, clients, CohortJob(algorithm, round_, context_for, collect))
+    held = attack.finish(comm) if attack is not None else None
+    if held is not None:
+        aggregator.add(*held)
     aggregate: Aggregate = aggregator.reduce(comm, [loss_sum], cohort, cfg.federated.num_clients)
     if new_rows:
         store_client_rows(state.clients, new_rows, comm)
     with torch.no_grad():
         new, state.server = algorithm.server_update(global_params, aggregate, state.server, state.optimizer)
     return new, loss_sum
+
+
+def round_clients(clients: Sequence[ClientData], plan: RoundPlan, attack: Attack | None, num_classes: int) -> list[ClientData]:
+    """The clients that train this round, as they train: a straggler with its step cap,
+    a malicious client with its poisoned labels."""
+    out = []
+    for k in plan.returned:
+        client = clients[k]
+        y = attack.poison_labels(client.y, num_classes) if attack is not None and k in plan.malicious else client.y
+        out.append(ClientData(client.id, client.x, y, plan.stragglers.get(k)))
+    return out
+
+
+def plan_columns(cfg: Config, plan: RoundPlan) -> dict[str, Any]:
+    """The metrics columns of the faults this run simulates (none without faults)."""
+    faults = cfg.clients
+    row: dict[str, Any] = {}
+    if faults.dropout > 0 or faults.stragglers > 0:
+        row.update(returned=len(plan.returned), attempts=plan.attempts, skipped=plan.skipped)
+    if faults.dropout > 0:
+        row["dropped_ids"] = plan.dropped
+    if faults.stragglers > 0:
+        row["straggler_ids"] = sorted(plan.stragglers)
+    if cfg.attack.name != "none":
+        row["malicious_ids"] = plan.malicious
+    return row
 
 
 def store_client_rows(store: ClientStore, new_rows: list[tuple[Tensor, Stacked]], comm: Comm) -> None:
@@ -177,6 +212,9 @@ def train_federated(
     fed = cfg.federated
     engine = make_engine(fed.engine, model, cfg.seed, fed.max_parallel_clients, fed.cuda_graphs, fed.amp)
     algorithm = build_algorithm(cfg)
+    attack: Attack | None = None if cfg.attack.name == "none" else ATTACKS.get(cfg.attack.name)(cfg.attack, cfg.seed)
+    run_malicious = malicious_for_run(cfg)
+    sizes = [c.n for c in clients]
     params = list(model.parameters())
     state = FederatedState(cfg, algorithm, [p.detach() for p in params], device)
     model_bytes = sum(p.numel() * p.element_size() for p in params)
@@ -196,19 +234,29 @@ def train_federated(
 
     for r in range(start, fed.rounds + 1):
         t_round = time.perf_counter()
-        sampled = sample_clients(len(clients), fed.fraction, generator_for(cfg.seed, "sample", r))
-        mine = [clients[k] for k in sampled[comm.rank :: comm.world_size]]
+        plan = plan_round(cfg, sizes, r, run_malicious)
+        trained = [] if plan.skipped else plan.returned
+        mine = round_clients(clients, plan, attack, dataset.num_classes)[comm.rank :: comm.world_size] if trained else []
         global_now = [p.detach() for p in params]
-        new, loss_sum = train_round(engine, algorithm, state, global_now, mine, r, cfg, comm, len(sampled))
-        with torch.no_grad():
-            torch._foreach_copy_(global_now, new)
-        n_total = sum(clients[k].n for k in sampled)  # every rank knows every n_k
+        loss_sum = None
+        if trained:
+            malicious = None
+            if attack is not None:
+                attack.start_round(r, len(trained), len(plan.malicious))
+                malicious = torch.zeros(len(clients), dtype=torch.bool)
+                malicious[plan.malicious] = True
+                malicious = malicious.to(device)
+            new, loss_sum = train_round(engine, algorithm, state, global_now, mine, r, cfg, comm, len(trained), attack, malicious)
+            with torch.no_grad():
+                torch._foreach_copy_(global_now, new)
+        n_total = sum(clients[k].n for k in trained)  # every rank knows every n_k
 
         row: dict[str, Any] = {
             "round": r,
-            "clients": len(sampled),
-            "client_ids": sampled,
-            "train_loss": loss_sum.item() / n_total,
+            "clients": len(plan.sampled),
+            "client_ids": plan.sampled,
+            **plan_columns(cfg, plan),
+            "train_loss": None if loss_sum is None else loss_sum.item() / n_total,
             "test_loss": None,
             "test_accuracy": None,
         }
@@ -219,7 +267,7 @@ def train_federated(
             row["test_loss"], row["test_accuracy"] = ev.loss, ev.accuracy
         row["wall_s"] = time.perf_counter() - t_round
         row["elapsed_s"] = elapsed0 + time.perf_counter() - t0
-        row["bytes_up"] = row["bytes_down"] = len(sampled) * model_bytes
+        row["bytes_up"], row["bytes_down"] = len(trained) * model_bytes, len(plan.sampled) * model_bytes
 
         decision = progress.decide(r, row["test_accuracy"])
         log.rows.append(row)

@@ -123,7 +123,7 @@ def schedule(cfg: Config, rule: LocalRule, round_: int, client: ClientData) -> l
     draw; with B set, the seeded per-(round, client) permutations every engine shares."""
     if rule.batch_size is None:
         return [torch.arange(client.n)] * rule.epochs
-    return client_batches(cfg.seed, round_, client.id, client.n, rule)
+    return client_batches(cfg.seed, round_, client, rule)
 
 
 def local_sgd(

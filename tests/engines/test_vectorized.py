@@ -211,7 +211,7 @@ def test_plan_follows_each_clients_sequential_schedule(mode: str) -> None:
     plan = plan_chunk(4, 3, clients, rule, torch.device("cpu"))
     offset = 0
     for m, client in enumerate(clients):
-        expected = [b + offset for b in client_batches(4, 3, client.id, client.n, rule)]
+        expected = [b + offset for b in client_batches(4, 3, client, rule)]
         planned = [plan.index[s, m][plan.mask[s, m].bool()] for s in range(plan.steps[m])]
         assert len(planned) == len(expected) and all(torch.equal(a, b) for a, b in zip(planned, expected))
         assert plan.active[plan.steps[m] :, m].sum() == 0

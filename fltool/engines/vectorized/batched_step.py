@@ -43,7 +43,7 @@ def plan_chunk(seed: int, round_: int, clients: Sequence[ClientData], rule: Loca
         orders = client_epoch_orders(seed, round_, client.id, client.n, rule)
         padded = torch.full((rule.epochs, -(-client.n // width) * width), -1, dtype=torch.long)
         padded[:, : client.n] = orders + offset
-        rows.append(padded.view(-1, width))
+        rows.append(padded.view(-1, width)[: client.steps])  # a straggler stops early
         offset += client.n
     index = pad_sequence(rows, padding_value=-1)  # (steps, M, width)
     mask = index >= 0
