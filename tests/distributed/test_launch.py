@@ -290,6 +290,26 @@ def test_federated_algorithms_under_launch_equal_one_process(sections: dict, eng
                 assert torch.allclose(a.double(), b.double(), atol=1e-5, rtol=1e-4), f"{part}.{name}"
 
 
+def test_dropouts_stragglers_and_alie_under_launch_equal_one_process(tmp_path):
+    """Every rank draws the same round plan (dropouts, stragglers, attackers) from the
+    seed; ALIE's cohort statistics are all-reduced before the attackers upload."""
+    raw = {
+        **_federated_config(),
+        "clients": {"dropout": 0.3, "min_returned": 3, "stragglers": 0.5, "straggler_policy": "partial", "straggler_work": "steps"},
+        "attack": {"name": "alie", "fraction": 0.3, "per": "round", "z": 1.0},
+        "aggregator": {"name": "median"},
+    }
+    raw["federated"] = {**raw["federated"], "engine": "vectorized", "fraction": 0.6, "rounds": 3}
+    ref = _single_process(tmp_path / "single", raw)
+    done, two = _launch(tmp_path, "two", raw, "--nproc", "2")
+    assert done.returncode == 0, done.stderr
+    assert_same_model(load_model(two), load_model(ref))
+    keys = ("client_ids", "returned", "dropped_ids", "straggler_ids", "malicious_ids")
+    one_rows, two_rows = read_metrics(ref), read_metrics(two)
+    assert [[r[k] for k in keys] for r in two_rows] == [[r[k] for k in keys] for r in one_rows]
+    assert any(r["malicious_ids"] for r in one_rows) and any(r["dropped_ids"] for r in one_rows)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
