@@ -12,6 +12,7 @@ from fltool.algorithms import AGGREGATORS, Upload
 from fltool.algorithms.aggregators import bulyan, krum, norm_bounded, trimmed_mean
 from fltool.algorithms.aggregators.trimmed_mean import TrimmedMeanConfig, trimmed_count
 from fltool.distributed.comm import Comm
+from fltool.errors import FltoolError
 
 ROBUST = ["trimmed_mean", "krum", "multikrum", "bulyan", "norm_bounded"]
 
@@ -56,6 +57,14 @@ def test_krum_with_one_neighbour_breaks_ties_by_client_id():
     assert aggregate("krum", rows, f=1).item() == 0.0
     assert aggregate("krum", [[1.0], [0.0], [3.0], [10.0]], ids=[2, 7, 5, 9], f=1).item() == 1.0
     assert aggregate("krum", [[0.0], [1.0], [3.0], [10.0]], ids=[7, 2, 5, 9], f=1).item() == 1.0
+
+
+@pytest.mark.parametrize(("name", "settings", "n"), [("krum", {"f": 2}, 4), ("multikrum", {"f": 1, "m": 4}, 4), ("bulyan", {"f": 1}, 6)])
+def test_too_few_updates_for_the_rule_is_one_line_at_combine_time(name: str, settings: dict, n: int):
+    """A config built in code skips the load-time check; a round with fewer updates
+    than the rule needs fails in one line, not with a topk range error."""
+    with pytest.raises(FltoolError, match="^aggregator[.](f|m): "):
+        aggregate(name, torch.arange(float(n))[:, None], **settings)
 
 
 def test_krum_never_selects_a_far_or_nan_outlier_and_multikrum_averages_the_best():
