@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 
 from fltool.cli import app
 from fltool.config import dump_config, load_config
-from fltool.config.registry import AGGREGATORS, ALGORITHMS, SERVER_OPTIMIZERS
+from fltool.config.registry import AGGREGATORS, ALGORITHMS, ATTACKS, SERVER_OPTIMIZERS
 from fltool.run.metrics import read_metrics
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-REGISTRIES = {"algorithm": ALGORITHMS, "server_optimizer": SERVER_OPTIMIZERS, "aggregator": AGGREGATORS}
+REGISTRIES = {"algorithm": ALGORITHMS, "server_optimizer": SERVER_OPTIMIZERS, "aggregator": AGGREGATORS, "attack": ATTACKS}
 
 # MNIST's shape, so each file's model sees the inputs it was written for, but 600
 # examples: every file's partition still fits (100 clients x 2 shards = 200 shards), and
@@ -40,8 +40,8 @@ def test_there_are_configs_for_both_modes():
 
 
 def test_the_shipped_configs_use_every_builtin_choice():
-    """Each built-in algorithm, server optimizer and aggregator has a shipped config,
-    which the tests below run."""
+    """Each built-in algorithm, server optimizer, aggregator and attack has a shipped
+    config, which the tests below run."""
     federated = [load_config(path) for path in CONFIGS if load_config(path).mode == "federated"]
     for section, registry in REGISTRIES.items():
         assert {getattr(cfg, section).name for cfg in federated} == set(registry.names()), section
@@ -79,5 +79,10 @@ def test_config_runs_one_round_on_synthetic_data(path: Path, tmp_path: Path):
     assert saved["round"] == 1
     if cfg.mode == "federated":
         assert (ran.algorithm, ran.server_optimizer, ran.aggregator) == (cfg.algorithm, cfg.server_optimizer, cfg.aggregator)
+        assert (ran.clients, ran.attack) == (cfg.clients, cfg.attack)
+        if cfg.attack.name != "none" and cfg.attack.fraction > 0:
+            assert "malicious_ids" in rows[0]
+        if cfg.clients.stragglers > 0:
+            assert "straggler_ids" in rows[0]
         assert rows[0]["clients"] == round(cfg.federated.fraction * cfg.federated.num_clients)
         assert set(saved["extra"]["algorithm"]) == {"server", "clients", "optimizer"}
