@@ -34,6 +34,15 @@ FedAvg (rounds side by side when interleaved); the target is >= 0.8x. FedAdam is
 with server Adam, one step a round, so it should match FedAvg; SCAFFOLD adds a gradient
 term to every local step and keeps every client's control variate.
 
+`--robust` times the aggregators instead of the engines: for a cohort of 100 McMahan
+CNN clients (MNIST shapes), each aggregator's `add` of every chunk (random updates of
+the CNN's parameter shapes, in the chunks and memory layouts the vectorized engine
+hands over) plus its `reduce`, against one vectorized local step of the same 100
+clients (B=10, measured in the same process); it prints per aggregator the ratio
+aggregation time / (one client-step per client per round), i.e. how many local steps
+of every client the aggregation costs. Robust rules run at f = 10 (Bulyan: n >= 43),
+trimmed_mean at beta = 0.1, norm_bounded at clip_norm = 1.
+
 `--variant` switches the hand-batched step to another kernel arrangement for an A/B run
 (the same math; see VARIANTS). `--profile N` profiles one more round of each engine and
 prints its N most expensive ops (device time on CUDA, kernels inside CUDA graphs
@@ -43,6 +52,7 @@ included; CPU time otherwise).
     PYTHONPATH=. python scripts/bench_engines.py --workload cnn --engines vectorized --profile 15
     PYTHONPATH=. python scripts/bench_engines.py --workload cnn --engines textbook textbook:bf16 vectorized vectorized:bf16
     PYTHONPATH=. python scripts/bench_engines.py --workload 2nn --engines vectorized --algorithms scaffold scaffold1 fednova fedadam
+    PYTHONPATH=. python scripts/bench_engines.py --robust
 """
 
 from __future__ import annotations
@@ -63,16 +73,18 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from fltool.algorithms import LocalRule
+from fltool.algorithms import LocalRule, Upload
 from fltool.algorithms.client_state import table_bytes
 from fltool.algorithms.sampling import generator_for, sample_clients
 from fltool.algorithms.scaffold import ScaffoldConfig
 from fltool.algorithms.server_optimizers import AdaptiveConfig, SGDConfig
+from fltool.config.registry import AGGREGATORS
 from fltool.config.schema import AlgorithmConfig, Config, DataConfig, FederatedConfig, SyntheticConfig
 from fltool.data import load_dataset
 from fltool.devices import autocast_for, keep_freed_host_memory
 from fltool.distributed.comm import Comm
 from fltool.engines import ClientData, make_engine
+from fltool.engines.base import CohortJob
 from fltool.engines.vectorized import batched_nets
 from fltool.engines.vectorized.batched_nets import make_batched_apply, supports
 from fltool.models import build_model
@@ -530,6 +542,69 @@ def bench(name: str, w: Workload, args: argparse.Namespace, device: torch.device
             profile_engine(t, args, device)
 
 
+# --robust: 100 CNN clients of 10 examples, all in the cohort, one local step each (E=1, B=10)
+ROBUST_WORKLOAD = Workload("cnn", 100, 10, (1, 28, 28), 1.0, 1, 10)
+ROBUST_AGGREGATORS = {
+    "mean": {},
+    "median": {},
+    "trimmed_mean": {"beta": 0.1},
+    "krum": {"f": 10},
+    "multikrum": {"f": 10},
+    "bulyan": {"f": 10},
+    "norm_bounded": {"clip_norm": 1.0},
+}
+
+
+def best_of(run: Callable[[], object], device: torch.device, reps: int = 3) -> float:
+    """Seconds of the fastest of `reps` runs after one warm-up: the least disturbed."""
+    run()
+    sync(device)
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_robust(args: argparse.Namespace, device: torch.device) -> None:
+    """Each aggregator's add (chunk by chunk) + reduce against one vectorized local step
+    of the same cohort (see the module docstring, `--robust`)."""
+    w = ROBUST_WORKLOAD
+    clients = make_clients(w, "synthetic", device)
+    torch.manual_seed(0)
+    model = build_model(w.model, w.shape, 10).to(device)
+    params = [p.detach() for p in model.parameters()]
+    algorithm = build_algorithm(round_config(w, "fedavg"))
+    engine = make_engine("vectorized", model, 0, args.max_parallel_clients, args.cuda_graphs)
+    chunks: list[tuple[torch.Tensor, Upload]] = []
+    timed_job = CohortJob(algorithm, 1, lambda ids: {}, lambda ids, upload: None)  # the step and the deltas
+    step_s = best_of(lambda: engine.train_cohort(params, clients, timed_job), device)
+    engine.train_cohort(params, clients, CohortJob(algorithm, 1, lambda ids: {}, lambda *sent: chunks.append(sent)))
+    # random updates in the engine's chunks and memory layouts (empty_like keeps strides)
+    g = torch.Generator(device=device).manual_seed(0)
+    sent = [(ids, Upload(delta=[torch.empty_like(d).normal_(generator=g) for d in up.delta], weight=up.weight))
+            for ids, up in chunks]
+    size = sum(p.numel() for p in params)
+    print(f"\n== robust: {w.model}, a cohort of {w.num_clients} clients, {size:,} parameters, chunks of "
+          f"{[len(ids) for ids, _ in sent]}, {device}")
+    print(f"one vectorized local step of the {w.num_clients} clients (B={w.batch_size}): {step_s:.3f} s")
+    print(f"{'aggregator':<14} {'add+reduce s':>13} {'peak MiB':>10} {'x client-step':>14}")
+    for name, settings in ROBUST_AGGREGATORS.items():
+        config = AGGREGATORS.config_class(name)(name=name, **settings)
+
+        def aggregate() -> None:
+            agg = AGGREGATORS.get(name)(config)
+            for ids, upload in sent:
+                agg.add(ids, upload)
+            agg.reduce(Comm(), [], w.num_clients, w.num_clients)
+
+        seconds = best_of(aggregate, device)
+        peak = peak_during(aggregate, device)
+        print(f"{name:<14} {seconds:>13.3f} {max(0.0, peak):>10.0f} {seconds / step_s:>14.2f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
@@ -560,6 +635,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--variant", nargs="+", choices=list(VARIANTS), default=[],
                         help="; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
+    parser.add_argument("--robust", action="store_true",
+                        help="time the aggregators (add + reduce of a 100-client CNN cohort) against one vectorized "
+                        "local step of the same clients, instead of the engines")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, profile one more round of each engine and print its N costliest ops")
     args = parser.parse_args(argv)
@@ -574,6 +652,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"malloc keeps freed memory: {kept}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, python {sys.version.split()[0]}"
           + (f", variants: {' '.join(args.variant)}" if args.variant else ""))
+    if args.robust:
+        bench_robust(args, device)
+        return
     for name in WORKLOADS if args.workload == "all" else [args.workload]:
         bench(name, WORKLOADS[name], args, device)
 
