@@ -237,12 +237,14 @@ CHOICE_ERRORS = {
         ["error: {path}: server_optimizer.name: must be one of sgd, adagrad, adam, yogi; got 'rmsprop'"],
     ),
     "unknown aggregator": (
-        None, ["aggregator.name=krum"], ["error: command line: aggregator.name: must be one of mean, median; got 'krum'"],
+        None,
+        ["aggregator.name=krumm"],
+        ["error: command line: aggregator.name: must be one of mean, median, trimmed_mean, krum, multikrum, bulyan, norm_bounded; got 'krumm'"],
     ),
     "negative mu": (
         "algorithm:\n  name: fedprox\n  mu: -1\n", [], ["error: {path}: algorithm.mu: must be a finite number >= 0, got -1.0"],
     ),
-    "mu for fedavg": ("algorithm: {name: fedavg, mu: 0.1}\n", [], ["error: {path}: algorithm.mu: unknown key; valid keys: name, plugin"]),
+    "mu for fedavg": ("algorithm: {name: fedavg, mu: 0.1}\n", [], ["error: {path}: algorithm.mu: unknown key of algorithm fedavg (a key of fedprox); valid keys: name, plugin"]),
     "scaffold option": (
         None,
         ["algorithm.name=scaffold", "algorithm.option=0"],

@@ -199,6 +199,9 @@ def _build(cls: type, raw: Any, prefix: str, source: str, prov: dict[str, str], 
             candidates = [n for n in fields if dataclasses.is_dataclass(hints[n]) == isinstance(raw[key], dict)]
             close = difflib.get_close_matches(str(key), candidates or list(fields), n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            owners = _choices_with_key(prefix, key)
+            if owners and not close:  # e.g. fedprox's mu left in a file switched to fedavg
+                hint = f" of {where} {raw.get('name', cls().name)} (a key of {', '.join(owners)}){hint}"
             errors.append(f"{_source_of(dotted, source, prov)}: {dotted}: unknown key{hint}")
     kwargs = {}
     for name, f in fields.items():
@@ -232,6 +235,16 @@ def _build(cls: type, raw: Any, prefix: str, source: str, prov: dict[str, str], 
             continue
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _choices_with_key(prefix: str, key: Any) -> list[str]:
+    """The registered names of a registry section (algorithm, attack, ...) whose config
+    has `key`."""
+    section = prefix.rstrip(".")
+    if section not in REGISTRY_SECTIONS:
+        return []
+    choices = getattr(registry, REGISTRY_SECTIONS[section])
+    return [n for n in choices.names() if key in {f.name for f in dataclasses.fields(choices.config_class(n))}]
 
 
 def _build_choice(section: str, f: dataclasses.Field, raw: Any, source: str, prov: dict[str, str], errors: list[str]):

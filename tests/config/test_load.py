@@ -150,7 +150,7 @@ CHOICES = [(section, name) for section, registry in REGISTRIES.items() for name 
 def test_the_builtin_choices_are_registered():
     assert ALGORITHMS.names() == ["fedavg", "fednova", "fedprox", "fedsgd", "scaffold"]
     assert SERVER_OPTIMIZERS.names() == ["sgd", "adagrad", "adam", "yogi"]
-    assert AGGREGATORS.names() == ["mean", "median"]
+    assert AGGREGATORS.names() == ["mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan", "norm_bounded"]
 
 
 @pytest.mark.parametrize(("section", "name"), CHOICES, ids=[f"{s}={n}" for s, n in CHOICES])
@@ -172,9 +172,9 @@ def test_the_chosen_classes_carry_their_own_defaults():
     [
         ("algorithm.name=fedavgg", "algorithm.name: must be one of fedavg, fednova, fedprox, fedsgd, scaffold; got 'fedavgg'"),
         ("server_optimizer.name=adamw", "server_optimizer.name: must be one of sgd, adagrad, adam, yogi; got 'adamw'"),
-        ("aggregator.name=trimmed_mean", "aggregator.name: must be one of mean, median; got 'trimmed_mean'"),
+        ("aggregator.name=trimmed", "aggregator.name: must be one of mean, median, trimmed_mean, krum, multikrum, bulyan, norm_bounded; got 'trimmed'"),
         ("algorithm.name=3", "algorithm.name: must be one of fedavg, fednova, fedprox, fedsgd, scaffold; got 3"),
-        ("aggregator.name=null", "aggregator.name: must be one of mean, median; got null"),
+        ("aggregator.name=null", "aggregator.name: must be one of mean, median, trimmed_mean, krum, multikrum, bulyan, norm_bounded; got null"),
         ("algorithm=fedprox", "algorithm: expected a mapping, got 'fedprox'"),
     ],
 )
@@ -186,12 +186,12 @@ def test_an_unknown_choice_is_one_line_listing_the_valid_names(override: str, li
 
 def test_an_unknown_name_in_a_file_names_the_file(tmp_path: Path):
     path = tmp_path / "c.yaml"
-    path.write_text("algorithm:\n  name: fedadam\nserver_optimizer: {name: sgd, lr: 0.5}\naggregator: {name: krum}\n")
+    path.write_text("algorithm:\n  name: fedadam\nserver_optimizer: {name: sgd, lr: 0.5}\naggregator: {name: krumm}\n")
     with pytest.raises(FltoolError) as info:
         load_config(path)
     assert info.value.lines == [
         f"{path}: algorithm.name: must be one of fedavg, fednova, fedprox, fedsgd, scaffold; got 'fedadam'",
-        f"{path}: aggregator.name: must be one of mean, median; got 'krum'",
+        f"{path}: aggregator.name: must be one of mean, median, trimmed_mean, krum, multikrum, bulyan, norm_bounded; got 'krumm'",
     ]
 
 
@@ -201,14 +201,14 @@ def test_an_unknown_name_in_a_file_names_the_file(tmp_path: Path):
         (["algorithm.name=fedprox", "algorithm.mu=-1"], "algorithm.mu: must be a finite number >= 0, got -1.0"),
         (["algorithm.name=fedprox", "algorithm.mu=.inf"], "algorithm.mu: must be a finite number >= 0, got inf"),
         (["algorithm.name=fedprox", "algorithm.mu=abc"], "algorithm.mu: expected a finite number >= 0, got 'abc'"),
-        (["algorithm.mu=0.1"], "algorithm.mu: unknown key; valid keys: name, plugin"),
+        (["algorithm.mu=0.1"], "algorithm.mu: unknown key of algorithm fedavg (a key of fedprox); valid keys: name, plugin"),
         (["algorithm.name=scaffold", "algorithm.option=3"], "algorithm.option: must be 1 or 2 (the paper's options I and II), got 3"),
-        (["algorithm.name=scaffold", "algorithm.mu=0.1"], "algorithm.mu: unknown key; valid keys: name, plugin, option"),
+        (["algorithm.name=scaffold", "algorithm.mu=0.1"], "algorithm.mu: unknown key of algorithm scaffold (a key of fedprox); valid keys: name, plugin, option"),
         (["server_optimizer.lr=0"], "server_optimizer.lr: must be a finite number > 0, got 0.0"),
         (["server_optimizer.momentum=1"], "server_optimizer.momentum: must be in [0, 1), got 1.0"),
         (
             ["server_optimizer.name=adam", "server_optimizer.momentum=0.9"],
-            "server_optimizer.momentum: unknown key; valid keys: name, lr, beta1, beta2, tau, bias_correction",
+            "server_optimizer.momentum: unknown key of server_optimizer adam (a key of sgd); valid keys: name, lr, beta1, beta2, tau, bias_correction",
         ),
         (["server_optimizer.name=yogi", "server_optimizer.beta2=1"], "server_optimizer.beta2: must be in [0, 1), got 1.0"),
         (["server_optimizer.name=adagrad", "server_optimizer.tau=0"], "server_optimizer.tau: must be a finite number > 0, got 0.0"),
@@ -217,6 +217,7 @@ def test_an_unknown_name_in_a_file_names_the_file(tmp_path: Path):
             "server_optimizer.bias_correction: expected true or false, got 'yes'",
         ),
         (["aggregator.plugin=x"], "aggregator.plugin: unknown key; valid keys: name"),
+        (["attack.name=gaussian", "attack.k=3"], "attack.k: unknown key of attack gaussian (a key of sign_flip); valid keys: name, fraction, per, std"),
         (["algorithm.plugin=3"], "algorithm.plugin: expected a module name, got 3"),
     ],
 )
@@ -327,7 +328,7 @@ def test_a_plugin_registers_an_algorithm_with_its_own_validated_keys(plugin_dir:
     with pytest.raises(FltoolError) as info:
         load_config(None, [*base, "algorithm.damping=-1", "algorithm.mu=1"])
     assert info.value.lines == [
-        "command line: algorithm.mu: unknown key; valid keys: name, plugin, damping",
+        "command line: algorithm.mu: unknown key of algorithm damped_fedavg (a key of fedprox); valid keys: name, plugin, damping",
         "command line: algorithm.damping: must be a finite number > 0, got -1.0",
     ]
     # a dumped config names its plugin, and so loads back
@@ -343,7 +344,9 @@ def test_dotted_overrides_choose_and_configure_a_section():
     # the file's keys of its own algorithm stay: switching algorithm says which no longer fits
     with pytest.raises(FltoolError) as info:
         load_config(CONFIGS / "fedprox_mnist.yaml", ["algorithm.name=scaffold"])
-    assert info.value.lines == [f"{CONFIGS / 'fedprox_mnist.yaml'}: algorithm.mu: unknown key; valid keys: name, plugin, option"]
+    assert info.value.lines == [
+        f"{CONFIGS / 'fedprox_mnist.yaml'}: algorithm.mu: unknown key of algorithm scaffold (a key of fedprox); valid keys: name, plugin, option"
+    ]
 
 
 NON_DEFAULT = {
@@ -360,7 +363,15 @@ NON_DEFAULT = {
         "adam": {"beta1": 0.8, "beta2": 0.95, "bias_correction": True},
         "yogi": {"lr": 0.003, "tau": 1e-4},
     },
-    "aggregator": {"mean": {}, "median": {}},
+    "aggregator": {
+        "mean": {},
+        "median": {},
+        "trimmed_mean": {"beta": 0.2},
+        "krum": {"f": 2},
+        "multikrum": {"f": 2, "m": 5},
+        "bulyan": {"f": 0},  # f = 2 would need a cohort of 11; the default's is 10
+        "norm_bounded": {"clip_norm": 0.5},
+    },
 }
 
 
