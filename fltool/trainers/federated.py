@@ -167,6 +167,17 @@ def round_clients(clients: Sequence[ClientData], plan: RoundPlan, attack: Attack
     return out
 
 
+def malicious_mask(plan: RoundPlan, attack: Attack | None, num_clients: int, round_: int, device: torch.device) -> Tensor | None:
+    """(K,) bool on the device, True for this round's attackers, so that the upload path
+    picks a chunk's rows by indexing, without a host sync; starts the attack's round."""
+    if attack is None:
+        return None
+    attack.start_round(round_, len(plan.returned), len(plan.malicious))
+    mask = torch.zeros(num_clients, dtype=torch.bool)
+    mask[plan.malicious] = True
+    return mask.to(device)
+
+
 def plan_columns(cfg: Config, plan: RoundPlan) -> dict[str, Any]:
     """The metrics columns of the faults this run simulates (none without faults)."""
     faults = cfg.clients
@@ -236,16 +247,11 @@ def train_federated(
         t_round = time.perf_counter()
         plan = plan_round(cfg, sizes, r, run_malicious)
         trained = [] if plan.skipped else plan.returned
-        mine = round_clients(clients, plan, attack, dataset.num_classes)[comm.rank :: comm.world_size] if trained else []
-        global_now = [p.detach() for p in params]
         loss_sum = None
         if trained:
-            malicious = None
-            if attack is not None:
-                attack.start_round(r, len(trained), len(plan.malicious))
-                malicious = torch.zeros(len(clients), dtype=torch.bool)
-                malicious[plan.malicious] = True
-                malicious = malicious.to(device)
+            global_now = [p.detach() for p in params]
+            mine = round_clients(clients, plan, attack, dataset.num_classes)[comm.rank :: comm.world_size]
+            malicious = malicious_mask(plan, attack, len(clients), r, device)
             new, loss_sum = train_round(engine, algorithm, state, global_now, mine, r, cfg, comm, len(trained), attack, malicious)
             with torch.no_grad():
                 torch._foreach_copy_(global_now, new)
