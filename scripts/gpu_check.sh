@@ -45,7 +45,7 @@ if [ ! -f "$FLTOOL_DATA/MNIST/raw/train-images-idx3-ubyte.gz" ]; then
 fi
 
 case " $sections " in *" tests "*)
-    check tests 300 python -m pytest -m gpu -q -p no:cacheprovider
+    check tests 300 python -m pytest -m gpu -n 0 -q -p no:cacheprovider  # one process: the tests share one GPU
 esac
 
 case " $sections " in *" engines "*)
