@@ -15,6 +15,7 @@ from torch import Tensor
 
 from fltool.algorithms.api import Aggregate, Upload
 from fltool.config.schema import AggregatorConfig
+from fltool.errors import FltoolError
 
 
 def client_weighted_sum(weights: Tensor, stacked: Tensor) -> Tensor:
@@ -88,6 +89,9 @@ class GatheredAggregator:
     def reduce(self, comm: Any, also: Sequence[Tensor], clients: int, num_clients: int) -> Aggregate:
         comm.all_reduce_sum([*self.extras.tensors(), *also])
         ids, weights, rows = comm.all_gather_rows([torch.cat(self.ids), torch.cat(self.weights), torch.cat(self.rows)])
+        found = self.config.problem(rows.shape[0])  # a round can have fewer updates than sampled
+        if found is not None:
+            raise FltoolError(f"aggregator.{found[0]}: {found[1]}")
         order = ids.argsort()
         combined = self.combine(rows[order], weights[order])
         delta = [part.view(shape) for part, shape in zip(combined.split([s.numel() for s in self.shapes]), self.shapes, strict=True)]

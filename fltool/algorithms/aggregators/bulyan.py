@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fltool.algorithms.aggregators.base import GatheredAggregator
-from fltool.algorithms.aggregators.krum import KrumConfig, check_cohort, krum_scores, pairwise_sq_distances
+from fltool.algorithms.aggregators.krum import KrumConfig, krum_scores, pairwise_sq_distances
 from fltool.algorithms.aggregators.median import coordinate_median
 from fltool.config.registry import AGGREGATORS
 
@@ -69,7 +69,6 @@ class BulyanAggregator(GatheredAggregator):
     config: BulyanConfig
 
     def combine(self, updates: Tensor, weights: Tensor) -> Tensor:
-        check_cohort(self.config, updates.shape[0])
         f = self.config.f
         selected = updates[bulyan_select(updates, f)]
         return closest_to_median_mean(selected, selected.shape[0] - 2 * f)

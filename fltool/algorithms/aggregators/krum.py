@@ -21,7 +21,6 @@ from torch import Tensor
 from fltool.algorithms.aggregators.base import GatheredAggregator
 from fltool.config.registry import AGGREGATORS
 from fltool.config.schema import AT_LEAST_ONE, AggregatorConfig, _check
-from fltool.errors import FltoolError
 
 NON_NEGATIVE_INT = _check(lambda v: v >= 0, ">= 0")
 BLOCK = 1 << 16  # parameters per Gram-matrix block: an (n, BLOCK) float64 copy at a time
@@ -68,14 +67,6 @@ def needs_more(name: str, f: int, cohort: int) -> str | None:
     return None
 
 
-def check_cohort(config: AggregatorConfig, n: int) -> None:
-    """At combine time too: a config built in code skips the load-time check, and a
-    round can have fewer updates than the sampled cohort."""
-    found = config.problem(n)
-    if found is not None:
-        raise FltoolError(f"aggregator.{found[0]}: {found[1]}")
-
-
 @dataclass
 class KrumConfig(AggregatorConfig):
     name: str = "krum"
@@ -103,7 +94,6 @@ class KrumAggregator(GatheredAggregator):
     config: KrumConfig
 
     def combine(self, updates: Tensor, weights: Tensor) -> Tensor:
-        check_cohort(self.config, updates.shape[0])
         return updates[krum_select(updates, self.config.f, 1)[0]].clone()
 
 
@@ -112,6 +102,5 @@ class MultiKrumAggregator(GatheredAggregator):
     config: MultiKrumConfig
 
     def combine(self, updates: Tensor, weights: Tensor) -> Tensor:
-        check_cohort(self.config, updates.shape[0])
         keep = self.config.m if self.config.m is not None else updates.shape[0] - self.config.f
         return updates[krum_select(updates, self.config.f, keep)].mean(dim=0)
