@@ -12,7 +12,7 @@ are a fixed set of the 100 clients. Prints the final test accuracy of each cell.
 `stragglers`: pathological non-IID, 2NN, C=0.1, E=5, B=10, lr 0.05, 50 rounds, for 0%,
 50% and 90% stragglers (each does a uniform 1..5 of its 5 epochs): FedAvg (stragglers
 dropped), FedProx mu = 0 (partial work kept) and FedProx mu = 1. Writes test accuracy
-every 5 rounds.
+every 5 rounds; rerun with the same --csv, it skips the runs the file already has.
 """
 
 from __future__ import annotations
@@ -97,13 +97,19 @@ def robust(args: argparse.Namespace, out: Path) -> None:
 
 
 def stragglers(args: argparse.Namespace, out: Path) -> None:
-    series: dict[str, list[dict[str, Any]]] = {}
+    series = read_curves(args.csv) if args.csv and args.csv.exists() else {}  # rerun: keep finished runs
     for share in STRAGGLERS:
         for method, keys in STRAGGLER_METHODS.items():
-            overrides = [*SPLITS["non-iid"], "federated.lr=0.05", "federated.local_epochs=5", "eval.every=5"]
-            rows = run([*overrides, f"clients.stragglers={share}", "clients.straggler_work=epochs", *keys], out)
             name = f"{share:.0%} stragglers | {method}"
-            series[name] = [{"round": r["round"], "test_accuracy": r["test_accuracy"]} for r in rows if r["test_accuracy"] is not None]
+            if name in series:
+                continue
+            if share == 0 and "mu=0" in method:
+                # without stragglers, FedProx at mu = 0 is FedAvg step for step: the same run
+                series[name] = series[f"{share:.0%} stragglers | FedAvg (drop)"]
+            else:
+                overrides = [*SPLITS["non-iid"], "federated.lr=0.05", "federated.local_epochs=5", "eval.every=5"]
+                rows = run([*overrides, f"clients.stragglers={share}", "clients.straggler_work=epochs", *keys], out)
+                series[name] = [{"round": r["round"], "test_accuracy": r["test_accuracy"]} for r in rows if r["test_accuracy"] is not None]
             print(f"{name}: " + " ".join(f"{p['test_accuracy']:.4f}" for p in series[name]), flush=True)
             if args.csv:
                 with args.csv.open("w", newline="") as f:
@@ -111,6 +117,14 @@ def stragglers(args: argparse.Namespace, out: Path) -> None:
                     w.writerow(["stragglers_and_method", "round", "test_accuracy"])
                     for key, points in series.items():
                         w.writerows([key, p["round"], p["test_accuracy"]] for p in points)
+
+
+def read_curves(path: Path) -> dict[str, list[dict[str, Any]]]:
+    series: dict[str, list[dict[str, Any]]] = {}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            series.setdefault(row["stragglers_and_method"], []).append({"round": int(row["round"]), "test_accuracy": float(row["test_accuracy"])})
+    return series
 
 
 def main() -> None:

@@ -30,12 +30,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROUNDS = 3
 
 
-def make_config(root: Path | None = None, engine: str = "sequential", **sections: Any):
+def make_config(root: Path | None = None, engine: str = "sequential", device: str = "cpu", **sections: Any):
     fed = {"num_clients": 10, "fraction": 0.5, "rounds": ROUNDS, "local_epochs": 2, "batch_size": 8, "lr": 0.05, "engine": engine}
     fed.update(sections.pop("federated", {}))
     raw = {
         "seed": 5,
-        "device": "cpu",
+        "device": device,
         "data": {"dataset": "synthetic", "partition": "dirichlet", "alpha": 0.5, "synthetic": {"train_size": 200, "test_size": 40, "shape": [1, 8, 8]}},
         "model": {"name": "mlp"},
         "federated": fed,
@@ -122,8 +122,8 @@ FAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def run(root: Path, engine: str, name: str, interrupt_after: int | None = None):
-    cfg = make_config(root, engine, **FAULTS[name])
+def run(root: Path, engine: str, name: str, interrupt_after: int | None = None, device: str = "cpu"):
+    cfg = make_config(root, engine, device, **FAULTS[name])
     run_dir = create_run_dir(cfg)
 
     def interrupt(row: dict) -> None:
@@ -156,6 +156,19 @@ def test_engines_agree_and_resume_is_bitwise(tmp_path, name):
         assert torch.equal(resumed.model[k], vec.model[k]), k
     untimed = lambda rs: [{k: v for k, v in r.items() if k not in ("wall_s", "elapsed_s")} for r in rs]  # noqa: E731
     assert untimed(rows) == untimed(vec_rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["stragglers-partial", "gaussian", "alie+median", "fedprox+stragglers"])
+def test_faults_on_cuda_graphed_vectorized_equals_sequential(tmp_path, name):
+    """On a GPU the vectorized engine replays CUDA graphs; a straggler's shorter schedule
+    and the attacks' device-side masks must give the sequential engine's rounds."""
+    torch.backends.cudnn.allow_tf32 = False
+    seq, seq_rows = run(tmp_path / "seq", "sequential", name, device="cuda")
+    vec, vec_rows = run(tmp_path / "vec", "vectorized", name, device="cuda")
+    for k in seq.model:
+        torch.testing.assert_close(vec.model[k], seq.model[k], rtol=1e-4, atol=1e-5)
+    assert [r["client_ids"] for r in seq_rows] == [r["client_ids"] for r in vec_rows]
 
 
 def test_a_skipped_round_leaves_the_model_unchanged(tmp_path):
