@@ -12,7 +12,9 @@ are a fixed set of the 100 clients. Prints the final test accuracy of each cell.
 `stragglers`: pathological non-IID, 2NN, C=0.1, E=5, B=10, lr 0.05, 50 rounds, for 0%,
 50% and 90% stragglers (each does a uniform 1..5 of its 5 epochs): FedAvg (stragglers
 dropped), FedProx mu = 0 (partial work kept) and FedProx mu = 1. Writes test accuracy
-every 5 rounds; rerun with the same --csv, it skips the runs the file already has.
+every 5 rounds.
+
+Rerun with the same --json or --csv, a table keeps the runs the file already has.
 """
 
 from __future__ import annotations
@@ -80,10 +82,13 @@ def run(overrides: list[str], out: Path) -> list[dict[str, Any]]:
 
 
 def robust(args: argparse.Namespace, out: Path) -> None:
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    # rerun with the same --json: the cells it already has are kept
+    results: dict[str, dict[str, dict[str, float]]] = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
     for split, split_keys in SPLITS.items():
         for agg, agg_keys in AGGREGATORS.items():
             for attack, attack_keys in ATTACKS.items():
+                if attack in results.get(split, {}).get(agg, {}):
+                    continue
                 rows = run([*split_keys, "federated.lr=0.1", "eval.every=50", *agg_keys, *attack_keys], out)
                 acc = rows[-1]["test_accuracy"]
                 results.setdefault(split, {}).setdefault(agg, {})[attack] = acc
