@@ -8,6 +8,7 @@ faults, so enabling none of them changes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -68,7 +69,7 @@ def draw(cfg: Config, sizes: list[int], round_: int, attempt: int, run_malicious
     if faults.dropout > 0:
         u = torch.rand(k, generator=gen("dropout"))
         dropped = [c for c in sampled if u[c] < faults.dropout]
-    stragglers = draw_stragglers(cfg, sizes, sampled, gen("stragglers"), gen("straggler-work"))
+    stragglers = draw_stragglers(cfg, sizes, sampled, gen) if faults.stragglers > 0 else {}
     gone = set(dropped) | (set(stragglers) if faults.straggler_policy == "drop" else set())
     returned = [c for c in sampled if c not in gone]
     if cfg.attack.name == "none":
@@ -81,15 +82,15 @@ def draw(cfg: Config, sizes: list[int], round_: int, attempt: int, run_malicious
     return RoundPlan(sampled, returned, dropped, stragglers, malicious, attempts=attempt + 1)
 
 
-def draw_stragglers(cfg: Config, sizes: list[int], sampled: list[int], which: torch.Generator, work: torch.Generator) -> dict[int, int]:
+def draw_stragglers(cfg: Config, sizes: list[int], sampled: list[int], gen: Callable[[str], torch.Generator]) -> dict[int, int]:
     """round(s * m) of the cohort, each with a uniform share of the local work: epochs
     in [1, E] (Li et al. 2020) or steps in [1, E * steps per epoch]."""
     fed, faults = cfg.federated, cfg.clients
     count = round(faults.stragglers * len(sampled))
     if count == 0:
         return {}
-    chosen = sorted(sampled[i] for i in torch.randperm(len(sampled), generator=which)[:count].tolist())
-    u = torch.rand(len(sizes), generator=work)
+    chosen = sorted(sampled[i] for i in torch.randperm(len(sampled), generator=gen("stragglers"))[:count].tolist())
+    u = torch.rand(len(sizes), generator=gen("straggler-work"))
     out = {}
     for c in chosen:
         per_epoch = steps_per_epoch(sizes[c], fed.batch_size)

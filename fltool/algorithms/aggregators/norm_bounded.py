@@ -19,6 +19,7 @@ from torch import Tensor
 
 from fltool.algorithms.aggregators.mean import MeanAggregator
 from fltool.algorithms.api import Upload
+from fltool.algorithms.fedavg import per_client
 from fltool.config.registry import AGGREGATORS
 from fltool.config.schema import POSITIVE, AggregatorConfig
 
@@ -53,5 +54,5 @@ class NormBoundedAggregator(MeanAggregator):
     def add(self, ids: Tensor, upload: Upload) -> None:
         """Scale each client's delta (every stack keeps its layout), then as `mean`."""
         scale = clip_factors(upload.delta, self.config.clip_norm)
-        clipped = [d * scale.to(d.dtype).view(-1, *[1] * (d.dim() - 1)) for d in upload.delta]
+        clipped = [d * per_client(scale.to(d.dtype), d) for d in upload.delta]
         super().add(ids, replace(upload, delta=clipped))

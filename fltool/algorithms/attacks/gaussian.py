@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from fltool.algorithms.api import Upload
-from fltool.algorithms.attacks.base import Attack, replace_rows, with_delta
+from fltool.algorithms.attacks.base import Attack, with_delta
 from fltool.algorithms.sampling import derive_seed
 from fltool.config.registry import ATTACKS
 from fltool.config.schema import POSITIVE, AttackConfig
@@ -26,13 +26,13 @@ class Gaussian(Attack):
     config: GaussianConfig
 
     def corrupt(self, ids: Tensor, upload: Upload, malicious: Tensor) -> tuple[Tensor, Upload]:
-        noise = [torch.zeros_like(d) for d in upload.delta]
         rows = malicious.nonzero().flatten().tolist()  # a host sync, only under this attack
         if not rows:
             return ids, upload
         device = upload.delta[0].device
+        delta = [d.clone() for d in upload.delta]
         for row in rows:  # a few malicious clients a chunk: one generator each
             g = torch.Generator(device=device).manual_seed(derive_seed(self.seed, "gaussian", self.round, int(ids[row])))
-            for n in noise:
-                n[row] = torch.randn(n.shape[1:], generator=g, device=device) * self.config.std
-        return ids, with_delta(upload, replace_rows(malicious, noise, upload.delta))
+            for d in delta:
+                d[row] = torch.randn(d.shape[1:], generator=g, device=device) * self.config.std
+        return ids, with_delta(upload, delta)
