@@ -105,10 +105,12 @@ def test_bulyan_on_n_equal_4f_plus_3_by_hand():
 
 def test_bulyan_keeps_the_values_closest_to_the_median_not_a_centred_window():
     """[0, 1, 2, 10, 11]: median 2, the 3 nearest are 0, 1, 2 (a trimmed mean would take
-    1, 2, 10); a tie in distance ([-1, 0, 1], beta 2) goes to the lower client id."""
+    1, 2, 10); a tie in distance ([-1, 0, 1], beta 2) keeps the smaller value, whichever
+    client sent it."""
     col = torch.tensor([[0.0, -1.0], [1.0, 0.0], [2.0, 1.0], [10.0, 5.0], [11.0, 6.0]])
     torch.testing.assert_close(bulyan.closest_to_median_mean(col, 3), torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(bulyan.closest_to_median_mean(col[:3, 1:], 2), torch.tensor([-0.5]))
+    torch.testing.assert_close(bulyan.closest_to_median_mean(col[:3, 1:].flip(0), 2), torch.tensor([-0.5]))
 
 
 def clip_upload(deltas, weights, extras=None) -> Upload:

@@ -92,7 +92,9 @@ class GatheredAggregator:
         found = self.config.problem(rows.shape[0])  # a round can have fewer updates than sampled
         if found is not None:
             raise FltoolError(f"aggregator.{found[0]}: {found[1]}")
-        order = ids.argsort()
-        combined = self.combine(rows[order], weights[order])
+        if len(ids) > 1 and not bool((ids[1:] > ids[:-1]).all()):  # usually sorted already: skip a copy of all rows
+            order = ids.argsort()
+            rows, weights = rows[order], weights[order]
+        combined = self.combine(rows, weights)
         delta = [part.view(shape) for part, shape in zip(combined.split([s.numel() for s in self.shapes]), self.shapes, strict=True)]
         return Aggregate(delta=delta, extras=self.extras.means(), clients=clients, num_clients=num_clients)

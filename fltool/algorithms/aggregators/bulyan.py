@@ -9,10 +9,10 @@ Byzantium"), over Krum, for n >= 4f + 3 updates. The variant implemented:
    make every score 0 and pick the lowest id blindly; one neighbour is kept instead.)
 2. Aggregation, per coordinate: the beta = theta - 2f values of the selection closest
    to the selection's coordinate-wise median (for an even theta the mean of the two
-   middle values), averaged; a tie in distance goes to the lower client id.
+   middle values), averaged; a tie in distance keeps the smaller value.
 
 Unweighted. Cost: Krum's (n, n) distance matrix over all P parameters once, theta
-selection steps on that (n, n) matrix, and two sorts of the (theta, P) selection.
+selection steps on that (n, n) matrix, and one sort of the (theta, P) selection.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from torch import Tensor
 
 from fltool.algorithms.aggregators.base import GatheredAggregator
 from fltool.algorithms.aggregators.krum import KrumConfig, krum_scores, pairwise_sq_distances
-from fltool.algorithms.aggregators.median import coordinate_median
+from fltool.algorithms.aggregators.median import middle_of_sorted
+from fltool.algorithms.aggregators.order import reduce_sorted
 from fltool.config.registry import AGGREGATORS
 
 
@@ -47,11 +48,32 @@ def bulyan_select(updates: Tensor, f: int) -> Tensor:
     return torch.stack(chosen).sort().values
 
 
-def closest_to_median_mean(selected: Tensor, beta: int) -> Tensor:
-    """Per coordinate, the mean of the `beta` values of dim 0 closest to its median."""
-    median = coordinate_median(selected)
-    order = (selected - median).abs().sort(dim=0, stable=True).indices[:beta]
-    return selected.gather(0, order).mean(dim=0)
+def closest_to_median_mean(updates: Tensor, beta: int, rows: Tensor | None = None) -> Tensor:
+    """Per coordinate, the mean of the `beta` values of dim 0 (of `rows` only, if given)
+    closest to their median; a tie in distance keeps the smaller value."""
+    return reduce_sorted(updates, lambda ordered: mean_nearest_median(ordered, beta), rows)
+
+
+def mean_nearest_median(ordered: Tensor, beta: int) -> Tensor:
+    """`closest_to_median_mean` of values already sorted along dim 0.
+
+    In sorted order the `beta` values nearest the median are consecutive: of the windows
+    of `beta` consecutive values, the one whose farther end lies nearest the median (the
+    first such, holding the smaller values, on a tie). That is a handful of tensor ops
+    over all coordinates at once, whatever f is."""
+    theta = ordered.shape[0]
+    drop = theta - beta
+    median = middle_of_sorted(ordered)
+    reach = torch.maximum(median - ordered[: drop + 1], ordered[beta - 1 :] - median)  # window start -> radius
+    low = reach.nan_to_num(nan=torch.inf).argmin(dim=0)  # a window holding NaN is never the nearest
+    # rows [drop, beta) lie in every window; the others where low <= row < low + beta
+    # (row >= low always holds past `drop`, as low <= drop)
+    rows = torch.arange(theta, device=ordered.device)[:, None]
+    total = ordered[drop:beta].sum(dim=0)
+    first, last = rows[:drop], rows[max(beta, drop) :]
+    total += torch.where((first >= low) & (first < low + beta), ordered[:drop], 0).sum(dim=0)
+    total += torch.where(last < low + beta, ordered[max(beta, drop) :], 0).sum(dim=0)
+    return total / beta
 
 
 @dataclass
@@ -70,5 +92,4 @@ class BulyanAggregator(GatheredAggregator):
 
     def combine(self, updates: Tensor, weights: Tensor) -> Tensor:
         f = self.config.f
-        selected = updates[bulyan_select(updates, f)]
-        return closest_to_median_mean(selected, selected.shape[0] - 2 * f)
+        return closest_to_median_mean(updates, updates.shape[0] - 4 * f, rows=bulyan_select(updates, f))

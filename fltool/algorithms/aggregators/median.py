@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from fltool.algorithms.aggregators.base import GatheredAggregator
+from fltool.algorithms.aggregators.order import reduce_sorted
 from fltool.config.registry import AGGREGATORS
 from fltool.config.schema import AggregatorConfig
 
@@ -13,8 +14,12 @@ from fltool.config.schema import AggregatorConfig
 def coordinate_median(stacked: Tensor) -> Tensor:
     """The median over dim 0 of every coordinate; for an even count the mean of the two
     middle values (torch.median would return the lower one)."""
-    m = stacked.shape[0]
-    ordered = stacked.sort(dim=0).values
+    return reduce_sorted(stacked, middle_of_sorted)
+
+
+def middle_of_sorted(ordered: Tensor) -> Tensor:
+    """The median over dim 0 of a stack already sorted along it."""
+    m = ordered.shape[0]
     if m % 2:
         return ordered[m // 2].clone()
     return (ordered[m // 2 - 1] + ordered[m // 2]) / 2

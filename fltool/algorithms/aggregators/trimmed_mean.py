@@ -4,7 +4,7 @@ drop the b = floor(beta * m) largest and b smallest of the m values and average 
 other m - 2b, unweighted. beta = 0 is the plain (unweighted) mean.
 
 Robust while fewer than b clients are Byzantine; costs one sort of the (m, P) matrix
-along the clients.
+along the clients (`order.reduce_sorted`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from fractions import Fraction
 from torch import Tensor
 
 from fltool.algorithms.aggregators.base import GatheredAggregator
+from fltool.algorithms.aggregators.order import reduce_sorted
 from fltool.config.registry import AGGREGATORS
 from fltool.config.schema import AggregatorConfig, _check
 
@@ -32,7 +33,7 @@ def coordinate_trimmed_mean(stacked: Tensor, b: int) -> Tensor:
     m = stacked.shape[0]
     if b == 0:
         return stacked.mean(dim=0)
-    return stacked.sort(dim=0).values[b : m - b].mean(dim=0)
+    return reduce_sorted(stacked, lambda ordered: ordered[b : m - b].mean(dim=0))
 
 
 @dataclass
