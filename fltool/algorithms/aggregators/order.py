@@ -7,7 +7,8 @@ on torch's thread count (numpy releases the GIL while sorting). torch's own sort
 dim 0 gathers each coordinate's values through a stride of P, tracks indices nobody
 asks for, and would materialise the whole sorted (m, P) copy; the blocks never do.
 Elsewhere, and for dtypes numpy lacks (bfloat16), it is torch's sort of the whole
-stack. Measured in `scripts/bench_engines.py --robust`; see docs/robustness.md.
+stack. Measured in `scripts/bench_engines.py --robust`; see docs/robustness.md. (numpy
+is not a dependency of its own: torchvision requires it.)
 """
 
 from __future__ import annotations
