@@ -39,9 +39,12 @@ class PlainReporter:
             flush=True,
         )
 
+    def message(self, text: str) -> None:
+        print(text, flush=True)
+
     def finish(self, summary: dict[str, Any]) -> None:
         for key, value in summary.items():
-            print(f"{key}: {value}", flush=True)
+            print(f"{key}: {'-' if value is None else value}", flush=True)
 
     def close(self) -> None:
         """Leave the terminal as it was, however the run ended (Ctrl-C, an error)."""
@@ -75,6 +78,9 @@ class RichReporter(PlainReporter):
             fields.update(acc=_fmt(row["test_accuracy"]), loss=_fmt(row["test_loss"]))
         self.progress.update(self.task, completed=row[self.unit], **fields)
 
+    def message(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False)
+
     def close(self) -> None:
         self.progress.stop()  # shows the cursor again and ends the bar's line; idempotent
 
@@ -82,7 +88,7 @@ class RichReporter(PlainReporter):
         self.close()
         table = Table(title="summary", show_header=False)
         for key, value in summary.items():
-            table.add_row(key, str(value))
+            table.add_row(key, "-" if value is None else str(value))
         self.console.print(table)
 
 

@@ -204,7 +204,7 @@ def make_engine_round(engine, w: Workload, global_model: torch.nn.Module, algori
     comm = Comm()
 
     def run(clients: list[ClientData], r: int) -> None:
-        new, _ = train_round(engine, algo, state, params, clients, r, cfg, comm, len(clients))
+        new, _, _ = train_round(engine, algo, state, params, clients, r, cfg, comm, len(clients))
         with torch.no_grad():
             torch._foreach_copy_(params, new)
 

@@ -46,6 +46,8 @@ class FedAvg:
     # whether `client_upload` needs context["global_grad"]: each client's gradient of
     # its whole local data at the global model, which the engines then compute
     needs_global_gradient: ClassVar[bool] = False
+    # whether `client_upload` fills Upload.extras, which DP's clipping and noise do not cover
+    uploads_extras: ClassVar[bool] = False
 
     def __init__(self, config: AlgorithmConfig, federated: FederatedConfig) -> None:
         self.config = config

@@ -11,6 +11,8 @@ equal tau_k this is FedAvg exactly. The server optimizer gets -tau_eff sum_k p_k
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from collections.abc import Sequence
 
 from torch import Tensor
@@ -23,6 +25,7 @@ from fltool.config.schema import AlgorithmConfig
 
 @ALGORITHMS.register("fednova", AlgorithmConfig)
 class FedNova(FedAvg):
+    uploads_extras: ClassVar[bool] = True
     def client_upload(self, global_params: Sequence[Tensor], params: Sequence[Tensor], context: Stacked, info: ClientInfo) -> Upload:
         normalised = [d / per_client(info.steps, d) for d in client_deltas(params, global_params)]
         return Upload(delta=normalised, weight=info.n, extras={"tau": [info.steps]})

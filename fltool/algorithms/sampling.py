@@ -29,3 +29,8 @@ def sample_clients(num_clients: int, fraction: float, generator: torch.Generator
     """max(1, round(C*K)) distinct clients, uniformly without replacement, in ascending order."""
     m = cohort_size(num_clients, fraction)
     return sorted(torch.randperm(num_clients, generator=generator)[:m].tolist())
+
+
+def poisson_sample(num_clients: int, rate: float, generator: torch.Generator) -> list[int]:
+    """Each client independently with probability `rate`, in ascending order (possibly none)."""
+    return (torch.rand(num_clients, generator=generator) < rate).nonzero().flatten().tolist()

@@ -13,6 +13,8 @@ equally (weight 1), as in the paper's objective (1/N) sum_i f_i.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +34,7 @@ class ScaffoldConfig(AlgorithmConfig):
 
 @ALGORITHMS.register("scaffold", ScaffoldConfig)
 class Scaffold(FedAvg):
+    uploads_extras: ClassVar[bool] = True
     config: ScaffoldConfig
     adjusts_gradients = True
 

@@ -364,9 +364,38 @@ def _cross_checks(cfg: Config, source: Callable[[str], str], errors: list[str]) 
     cohort = max(1, round(cfg.federated.fraction * cfg.federated.num_clients))
     _check_clients(cfg, source, errors, cohort)
     faults = cfg.clients
-    may_shrink = faults.dropout > 0 or (faults.stragglers > 0 and faults.straggler_policy == "drop")
-    # where clients may not return, a round goes ahead with as few as min_returned
+    may_shrink = (
+        faults.dropout > 0 or (faults.stragglers > 0 and faults.straggler_policy == "drop") or cfg.federated.sampling == "poisson"
+    )
+    # where clients may not return (or a Poisson cohort is small), a round goes ahead with as few as min_returned
     _check_aggregator(cfg, source, errors, min(cohort, faults.min_returned) if may_shrink else cohort)
+    if cfg.dp.mode != "none":
+        _check_dp(cfg, source, errors)
+
+
+def _check_dp(cfg: Config, source: Callable[[str], str], errors: list[str]) -> None:
+    """DP settings that cannot give the guarantee they ask for."""
+    dp, fed = cfg.dp, cfg.federated
+
+    def error(key: str, text: str) -> None:
+        errors.append(f"{source(key)}: {key}: {text}")
+
+    if (dp.noise_multiplier is None) == (dp.target_epsilon is None):
+        error("dp.noise_multiplier", "set exactly one of dp.noise_multiplier and dp.target_epsilon (which calibrates it)")
+    if dp.mode == "central" and cfg.aggregator.name != "mean":
+        error("aggregator.name", f"dp.mode central noises the clipped sum: it needs aggregator mean, got {cfg.aggregator.name!r}")
+    if cfg.algorithm.name in registry.ALGORITHMS.names() and registry.ALGORITHMS.get(cfg.algorithm.name).uploads_extras:
+        error("algorithm.name", f"{cfg.algorithm.name} uploads extras (control variates, step counts) that dp does not protect; "
+              "use an algorithm without, e.g. fedavg or fedprox")
+    if dp.adaptive_clipping and (dp.mode != "central" or fed.sampling != "poisson"):
+        error("dp.adaptive_clipping", "needs dp.mode central and federated.sampling poisson (its accounting assumes both)")
+    if dp.accountant == "pld" and dp.mode == "central" and fed.sampling != "poisson":
+        error("dp.accountant", "pld accounts for Poisson sampling only: set federated.sampling poisson, or use rdp")
+    if dp.adaptive_clipping and dp.noise_multiplier != 0:
+        count_noise = dp.count_noise if dp.count_noise is not None else fed.fraction * fed.num_clients / 20
+        z = dp.noise_multiplier
+        if z is not None and 2 * count_noise <= z:
+            error("dp.count_noise", f"{count_noise:g} leaves no noise for the update: adaptive clipping needs 2 * count_noise > z = {z:g}")
 
 
 def _check_clients(cfg: Config, source: Callable[[str], str], errors: list[str], cohort: int) -> None:

@@ -57,6 +57,7 @@ ALGORITHMS = Registry("algorithm")
 SERVER_OPTIMIZERS = Registry("server_optimizer")
 AGGREGATORS = Registry("aggregator")
 ATTACKS = Registry("attack")
+COMPRESSORS = Registry("compression")
 
 _loaded = False
 

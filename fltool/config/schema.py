@@ -69,6 +69,9 @@ class FederatedConfig:
     cuda_graphs: bool = True
     # clients' forward passes under bf16 autocast; weights, gradients, updates and evaluation stay fp32
     amp: Literal["none", "bf16"] = "none"
+    # fixed: round(C * K) clients without replacement; poisson: each client independently
+    # with probability C, the sampling the DP accountant amplifies by
+    sampling: Literal["fixed", "poisson"] = "fixed"
 
 
 @dataclass
@@ -133,12 +136,45 @@ class AggregatorConfig:
         return None
 
 
+@dataclass
+class CompressionConfig:
+    """How clients encode their uploads, by name (`none` by default); each compressor
+    subclasses this with its own settings."""
+
+    name: str = "none"
+
+
+@dataclass
+class DPConfig:
+    """User-level differential privacy of the clients' updates (McMahan et al. 2018)."""
+
+    # central: clients' updates clipped, Gaussian noise on their sum (a trusted server);
+    # local: each client clips and noises its own upload (an untrusted server)
+    mode: Literal["none", "central", "local"] = "none"
+    clip_norm: float = field(default=1.0, metadata=POSITIVE)  # S, on each client's whole update
+    # z: the noise std is z * S; null: calibrated from target_epsilon over federated.rounds
+    noise_multiplier: float | None = field(default=None, metadata=NON_NEGATIVE)
+    target_epsilon: float | None = field(default=None, metadata=POSITIVE)
+    delta: float | None = field(default=None, metadata=_check(lambda v: 0 < v < 1, "in (0, 1)"))  # null: 1 / K^1.1
+    max_epsilon: float | None = field(default=None, metadata=POSITIVE)  # stop before a round would exceed it
+    accountant: Literal["rdp", "pld"] = "rdp"
+    # adaptive clipping (Andrew et al. 2021): S follows the target quantile of the update norms
+    adaptive_clipping: bool = False
+    target_quantile: float = field(default=0.5, metadata=_check(lambda v: 0 < v < 1, "in (0, 1)"))
+    clip_lr: float = field(default=0.2, metadata=POSITIVE)  # eta_C, geometric update of S
+    # std of the noise on the count of unclipped clients; null: expected cohort / 20 (the paper's)
+    count_noise: float | None = field(default=None, metadata=POSITIVE)
+    # seeded: reproducible noise (research); os: the OS CSPRNG, reproducibility given up
+    noise_source: Literal["seeded", "os"] = "seeded"
+
+
 # sections whose class is chosen by their `name` key (see `fltool.config.registry`)
 REGISTRY_SECTIONS = {
     "algorithm": "ALGORITHMS",
     "server_optimizer": "SERVER_OPTIMIZERS",
     "aggregator": "AGGREGATORS",
     "attack": "ATTACKS",
+    "compression": "COMPRESSORS",
 }
 
 
@@ -200,6 +236,8 @@ class Config:
     aggregator: AggregatorConfig = _chosen("aggregator", "mean")
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     attack: AttackConfig = _chosen("attack", "none")
+    dp: DPConfig = field(default_factory=DPConfig)
+    compression: CompressionConfig = _chosen("compression", "none")
     ddp: DDPConfig = field(default_factory=DDPConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

@@ -9,6 +9,8 @@ from fltool.config import Config, dump_config
 from fltool.run.atomic import atomic_write_text
 from fltool.run.checkpoint import Checkpoint, load_checkpoint
 from fltool.trainers.federated import train_federated
+from fltool.trainers.privacy_budget import budget_for
+from fltool.trainers.privacy_budget import describe as describe_budget
 from fltool.trainers.progress import Progress, RunSummary
 from fltool.run.resume import check_resumable, resume_config
 from fltool.run.rundir import (
@@ -27,7 +29,7 @@ from fltool.ui import PlainReporter
 
 def summary_dict(summary: RunSummary, unit: str = "round") -> dict[str, Any]:
     """The end-of-run summary; `unit` is "round" (federated) or "epoch" (DDP)."""
-    return {
+    out = {
         "run_dir": str(summary.run_dir),
         f"{unit}s": summary.rounds_completed,
         "final_accuracy": summary.final_accuracy,
@@ -37,6 +39,13 @@ def summary_dict(summary: RunSummary, unit: str = "round") -> dict[str, Any]:
         "setup_s": round(summary.setup_s, 3),
         "wall_s": round(summary.wall_s, 3),
     }
+    last = summary.metrics[-1] if summary.metrics else {}
+    if "epsilon" in last:
+        out["epsilon"] = round(last["epsilon"], 4)
+        out["dp_delta"] = last["dp_delta"]
+    if summary.stopped:
+        out["stopped"] = summary.stopped
+    return out
 
 
 def what_to_train(cfg: Config, resume: Checkpoint | None) -> tuple[str, int, int]:
@@ -52,6 +61,9 @@ def run(cfg: Config, run_dir: Path, reporter: PlainReporter, resume: Checkpoint 
     reporter.unit = unit
     try:
         reporter.start(cfg.name, str(run_dir), first, total)
+        budget = budget_for(cfg) if cfg.mode == "federated" else None
+        if budget is not None:
+            reporter.message(describe_budget(cfg, budget))
         if cfg.mode == "ddp":
             from fltool.trainers.ddp import train_ddp
 

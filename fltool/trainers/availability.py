@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fltool.algorithms.local import steps_per_epoch
-from fltool.algorithms.sampling import generator_for, sample_clients
+from fltool.algorithms.sampling import generator_for, poisson_sample, sample_clients
 from fltool.config import Config
 from fltool.errors import FltoolError
 
@@ -47,7 +47,9 @@ def plan_round(cfg: Config, sizes: list[int], round_: int, run_malicious: list[i
         plan = draw(cfg, sizes, round_, attempt, run_malicious)
         if len(plan.returned) >= cfg.clients.min_returned:
             return plan
-        if cfg.clients.on_too_few == "skip":
+        # a Poisson cohort is never drawn again: DP's accountant assumes each client is in
+        # it with probability q, whatever the others did
+        if cfg.clients.on_too_few == "skip" or cfg.federated.sampling == "poisson":
             plan.skipped = True
             return plan
     raise FltoolError(
@@ -64,7 +66,10 @@ def draw(cfg: Config, sizes: list[int], round_: int, attempt: int, run_malicious
         return generator_for(cfg.seed, what, *keys)
 
     k = len(sizes)
-    sampled = sample_clients(k, fed.fraction, gen("sample"))
+    if fed.sampling == "poisson":
+        sampled = poisson_sample(k, fed.fraction, gen("sample"))
+    else:
+        sampled = sample_clients(k, fed.fraction, gen("sample"))
     dropped: list[int] = []
     if faults.dropout > 0:
         u = torch.rand(k, generator=gen("dropout"))

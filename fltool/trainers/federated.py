@@ -20,8 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fltool.algorithms import AGGREGATORS, ALGORITHMS, ATTACKS, SERVER_OPTIMIZERS, Aggregate, ClientStore, FedAvg, Stacked, Upload
+from fltool.algorithms import AGGREGATORS, ALGORITHMS, ATTACKS, COMPRESSORS, SERVER_OPTIMIZERS, Aggregate, ClientStore, FedAvg, Stacked, Upload
 from fltool.algorithms.attacks import Attack
+from fltool.algorithms.compression import Compressor
+from fltool.algorithms.privacy import Privacy
+from fltool.algorithms.sampling import cohort_size
 from fltool.config import Config
 from fltool.data import data_shape, load_dataset, partition
 from fltool.devices import keep_freed_host_memory, resolve_device
@@ -35,6 +38,7 @@ from fltool.run.metrics import MetricsLog
 from fltool.run.rundir import best_checkpoint, last_checkpoint
 from fltool.trainers.availability import RoundPlan, malicious_for_run, plan_round
 from fltool.trainers.evaluate import evaluate
+from fltool.trainers.privacy_budget import budget_for
 from fltool.trainers.progress import Progress, RunSummary, summarize
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -42,29 +46,52 @@ RoundCallback = Callable[[dict[str, Any]], None]
 
 class FederatedState:
     """Everything a round changes besides the model: the algorithm's server state, every
-    client's state rows, and the server optimizer (with its state)."""
+    client's state rows, the server optimizer (with its state), and, when a run uses
+    them, the compressor's per-client rows (error feedback) and the DP clip norm."""
 
-    def __init__(self, cfg: Config, algorithm: FedAvg, params: Sequence[Tensor], device: torch.device) -> None:
+    def __init__(self, cfg: Config, algorithm: FedAvg, params: Sequence[Tensor], device: torch.device, noise_multiplier: float = 0.0) -> None:
         self.server = algorithm.init_server_state(params)
         self.clients = ClientStore(algorithm.init_client_state(params), cfg.federated.num_clients, device)
         self.optimizer = SERVER_OPTIMIZERS.get(cfg.server_optimizer.name)(cfg.server_optimizer, params)
+        self.compressor: Compressor = COMPRESSORS.get(cfg.compression.name)(cfg.compression, cfg.seed)
+        self.compressed = ClientStore(self.compressor.init_client_state(params), cfg.federated.num_clients, device)
+        self.privacy = None if cfg.dp.mode == "none" else Privacy(cfg.dp, noise_multiplier, expected_cohort(cfg), cfg.seed, device)
 
     def parts(self) -> dict[str, dict[str, list[Tensor]]]:
-        return {"server": self.server, "clients": self.clients.tables, "optimizer": self.optimizer.state}
+        parts = {"server": self.server, "clients": self.clients.tables, "optimizer": self.optimizer.state}
+        if self.compressed.tables:  # (optional parts: a checkpoint of a run without them still loads)
+            parts["compression"] = self.compressed.tables
+        if self.privacy is not None and self.privacy.dp.adaptive_clipping:
+            parts["privacy"] = self.privacy.state
+        return parts
 
     def state_dict(self) -> dict[str, Any]:
-        return {"server": on_host(self.server), "clients": self.clients.state_dict(), "optimizer": on_host(self.optimizer.state)}
+        saved = {name: on_host(part) for name, part in self.parts().items()}
+        saved["clients"] = self.clients.state_dict()
+        if "compression" in saved:
+            saved["compression"] = self.compressed.state_dict()
+        return saved
 
     def load_state_dict(self, saved: Any, where: str) -> None:
         """Restore from a checkpoint's extra['algorithm'] (checked by `check_algorithm_state`)."""
         check_algorithm_state_like(self.parts(), saved, where)
         if saved is None:
             return
-        for live, part in ((self.server, "server"), (self.optimizer.state, "optimizer")):
-            for k, ts in live.items():
-                for t, value in zip(ts, saved[part][k], strict=True):
-                    t.copy_(value)
-        self.clients.load_state_dict(saved["clients"])
+        for name, live in self.parts().items():
+            if name == "clients":
+                self.clients.load_state_dict(saved[name])
+            elif name == "compression":
+                self.compressed.load_state_dict(saved[name])
+            else:
+                for k, ts in live.items():
+                    for t, value in zip(ts, saved[name][k], strict=True):
+                        t.copy_(value)
+
+
+def expected_cohort(cfg: Config) -> float:
+    """E[m], DP's fixed denominator: q K under Poisson sampling, else round(C K)."""
+    fed = cfg.federated
+    return fed.fraction * fed.num_clients if fed.sampling == "poisson" else float(cohort_size(fed.num_clients, fed.fraction))
 
 
 def check_algorithm_state(cfg: Config, saved: Any, where: str) -> None:
@@ -127,33 +154,61 @@ def train_round(
     cohort: int,
     attack: Attack | None = None,
     malicious: Tensor | None = None,
-) -> tuple[list[Tensor], Tensor]:
+) -> tuple[list[Tensor], Tensor, Tensor]:
     """One round of this process's `clients` (of a cohort of `cohort`): the new global
-    model and the cohort's summed loss (sum_k n_k * mean minibatch cross-entropy).
-    With an `attack`, `malicious` (K,) bool marks whose uploads it corrupts."""
+    model, the cohort's summed loss (sum_k n_k * mean minibatch cross-entropy) and the
+    bytes its uploads took, encoded. With an `attack`, `malicious` (K,) bool marks whose
+    uploads it corrupts.
+
+    An upload's way to the aggregator: the attack (what a malicious client sends
+    instead), local DP's clip and noise (on the client, before encoding), the
+    compressor (what the server decodes), central DP's clip (on what the server
+    received); the server's DP noise goes on the aggregate."""
     aggregator = AGGREGATORS.get(cfg.aggregator.name)(cfg.aggregator)
     new_rows: list[tuple[Tensor, Stacked]] = []
+    compressed_rows: list[tuple[Tensor, Stacked]] = []
+    bytes_up = torch.zeros((), dtype=torch.float64, device=global_params[0].device)
+    privacy, compressor = state.privacy, state.compressor
+    local_dp = privacy is not None and cfg.dp.mode == "local"
 
     def context_for(ids: list[int]) -> Stacked:
         return algorithm.client_context(state.server, state.clients.rows(ids), global_params)
+
+    def send(ids: Tensor, upload: Upload) -> None:
+        nonlocal bytes_up
+        if local_dp:
+            upload = privacy.client_side(ids, upload, round_)
+        rows = state.compressed.rows(ids.tolist()) if state.compressed.tables else {}
+        delta, rows, sizes = compressor.compress(ids, upload.delta, rows, round_)
+        bytes_up = bytes_up + sizes.sum(dtype=torch.float64)
+        if rows:
+            compressed_rows.append((ids, rows))
+        upload = Upload(delta=delta, weight=upload.weight, extras=upload.extras, state=upload.state)
+        if privacy is not None and not local_dp:
+            upload = privacy.client_side(ids, upload, round_)
+        aggregator.add(ids, upload)
 
     def collect(ids: Tensor, upload: Upload) -> None:
         if upload.state:  # a client remembers its honest state, whatever it sends
             new_rows.append((ids, upload.state))
         if attack is not None and malicious is not None:
             ids, upload = attack.corrupt(ids, upload, malicious[ids])
-        aggregator.add(ids, upload)
+        send(ids, upload)
 
     loss_sum = engine.train_cohort(global_params, clients, CohortJob(algorithm, round_, context_for, collect))
     held = attack.finish(comm) if attack is not None else None
     if held is not None:
-        aggregator.add(*held)
-    aggregate: Aggregate = aggregator.reduce(comm, [loss_sum], cohort, cfg.federated.num_clients)
+        send(*held)
+    aggregate: Aggregate = aggregator.reduce(comm, [loss_sum, bytes_up], cohort, cfg.federated.num_clients)
     if new_rows:
         store_client_rows(state.clients, new_rows, comm)
+    if compressed_rows:
+        store_client_rows(state.compressed, compressed_rows, comm)
     with torch.no_grad():
+        if privacy is not None:
+            aggregate = privacy.server_side(aggregate, round_, comm)
         new, state.server = algorithm.server_update(global_params, aggregate, state.server, state.optimizer)
-    return new, loss_sum
+    return new, loss_sum, bytes_up
 
 
 def round_clients(clients: Sequence[ClientData], plan: RoundPlan, attack: Attack | None, num_classes: int) -> list[ClientData]:
@@ -227,7 +282,8 @@ def train_federated(
     run_malicious = malicious_for_run(cfg)
     sizes = [c.n for c in clients]
     params = list(model.parameters())
-    state = FederatedState(cfg, algorithm, [p.detach() for p in params], device)
+    budget = budget_for(cfg)
+    state = FederatedState(cfg, algorithm, [p.detach() for p in params], device, budget.noise_multiplier if budget else 0.0)
     model_bytes = sum(p.numel() * p.element_size() for p in params)
 
     log = MetricsLog(run_dir)
@@ -242,17 +298,24 @@ def train_federated(
         start = progress.first(resume.round, log.rows)
     elapsed0 = log.rows[-1]["elapsed_s"] if log.rows else 0.0
     t0 = time.perf_counter()
+    stopped = None
 
     for r in range(start, fed.rounds + 1):
+        if budget is not None and cfg.dp.max_epsilon is not None and budget.epsilon(r) > cfg.dp.max_epsilon:
+            stopped = (
+                f"privacy budget: round {r} would bring epsilon to {budget.epsilon(r):.4g}, over "
+                f"dp.max_epsilon {cfg.dp.max_epsilon:g} (spent after round {r - 1}: {budget.epsilon(r - 1):.4g})"
+            )
+            break
         t_round = time.perf_counter()
         plan = plan_round(cfg, sizes, r, run_malicious)
         trained = [] if plan.skipped else plan.returned
-        loss_sum = None
+        loss_sum, bytes_up = None, None
         if trained:
             global_now = [p.detach() for p in params]
             mine = round_clients(clients, plan, attack, dataset.num_classes)[comm.rank :: comm.world_size]
             malicious = malicious_mask(plan, attack, len(clients), r, device)
-            new, loss_sum = train_round(engine, algorithm, state, global_now, mine, r, cfg, comm, len(trained), attack, malicious)
+            new, loss_sum, bytes_up = train_round(engine, algorithm, state, global_now, mine, r, cfg, comm, len(trained), attack, malicious)
             with torch.no_grad():
                 torch._foreach_copy_(global_now, new)
         n_total = sum(clients[k].n for k in trained)  # every rank knows every n_k
@@ -273,7 +336,12 @@ def train_federated(
             row["test_loss"], row["test_accuracy"] = ev.loss, ev.accuracy
         row["wall_s"] = time.perf_counter() - t_round
         row["elapsed_s"] = elapsed0 + time.perf_counter() - t0
-        row["bytes_up"], row["bytes_down"] = len(trained) * model_bytes, len(plan.sampled) * model_bytes
+        row["bytes_up"] = 0 if bytes_up is None else round(bytes_up.item())
+        row["bytes_down"] = len(plan.sampled) * model_bytes
+        if budget is not None:
+            row.update(epsilon=budget.epsilon(r), dp_delta=budget.delta, dp_noise_multiplier=budget.noise_multiplier, dp_sampling=fed.sampling)
+            if cfg.dp.adaptive_clipping:
+                row["dp_clip_norm"] = state.privacy.clip_norm.item()  # (the norm the next round clips to)
 
         decision = progress.decide(r, row["test_accuracy"])
         log.rows.append(row)
@@ -293,7 +361,9 @@ def train_federated(
         if decision.stop:
             break
     comm.barrier()
-    return summarize(run_dir, log.rows, "round", progress.best, cfg.eval.target_accuracy, t_setup, t0)
+    summary = summarize(run_dir, log.rows, "round", progress.best, cfg.eval.target_accuracy, t_setup, t0)
+    summary.stopped = stopped
+    return summary
 
 
 def engine_state(engine: Engine) -> dict[str, Any]:

@@ -23,6 +23,7 @@ class RunSummary:
     wall_s: float  # training only: setup (data, model) is in setup_s
     metrics: list[dict[str, Any]] = field(default_factory=list)
     setup_s: float = 0.0
+    stopped: str | None = None  # why the run ended before its last round, other than its target
 
 
 @dataclass(frozen=True)

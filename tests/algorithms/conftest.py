@@ -97,7 +97,7 @@ def run_rounds(
     history = [[p.clone() for p in params]]
     for r, cohort in enumerate(cohorts, start=1):
         mine = [clients[k] for k in cohort]
-        new, _ = train_round(eng, algorithm, state, params, mine, r, cfg, Comm(), len(cohort))
+        new, _, _ = train_round(eng, algorithm, state, params, mine, r, cfg, Comm(), len(cohort))
         with torch.no_grad():
             torch._foreach_copy_(params, new)
         history.append([p.clone() for p in params])

@@ -122,7 +122,7 @@ def test_sign_flip_in_a_real_fedavg_round(fl, engine):
     attack.start_round(1, 3, 1)
     malicious = torch.tensor([False, True, False])
     eng = make_engine(engine, model, cfg.seed, max_parallel_clients=None, cuda_graphs=False)
-    new, _ = train_round(eng, algorithm, state, params, clients, 1, cfg, Comm(), 3, attack, malicious)
+    new, _, _ = train_round(eng, algorithm, state, params, clients, 1, cfg, Comm(), 3, attack, malicious)
     x = [p.detach().clone() for p in fl.linear_model().parameters()]
     n = sum(c.n for c in clients)
     expected = [xi.clone() for xi in x]
