@@ -381,21 +381,24 @@ def _check_dp(cfg: Config, source: Callable[[str], str], errors: list[str]) -> N
         errors.append(f"{source(key)}: {key}: {text}")
 
     if (dp.noise_multiplier is None) == (dp.target_epsilon is None):
-        error("dp.noise_multiplier", "set exactly one of dp.noise_multiplier and dp.target_epsilon (which calibrates it)")
+        key = "dp.mode" if dp.noise_multiplier is None else "dp.target_epsilon"
+        error(key, f"dp.mode {dp.mode} needs exactly one of dp.noise_multiplier and dp.target_epsilon (which calibrates it)")
     if dp.mode == "central" and cfg.aggregator.name != "mean":
         error("aggregator.name", f"dp.mode central noises the clipped sum: it needs aggregator mean, got {cfg.aggregator.name!r}")
     if cfg.algorithm.name in registry.ALGORITHMS.names() and registry.ALGORITHMS.get(cfg.algorithm.name).uploads_extras:
         error("algorithm.name", f"{cfg.algorithm.name} uploads extras (control variates, step counts) that dp does not protect; "
               "use an algorithm without, e.g. fedavg or fedprox")
-    if dp.adaptive_clipping and (dp.mode != "central" or fed.sampling != "poisson"):
+    adaptive_ok = dp.mode == "central" and fed.sampling == "poisson"
+    if dp.adaptive_clipping and not adaptive_ok:
         error("dp.adaptive_clipping", "needs dp.mode central and federated.sampling poisson (its accounting assumes both)")
     if dp.accountant == "pld" and dp.mode == "central" and fed.sampling != "poisson":
         error("dp.accountant", "pld accounts for Poisson sampling only: set federated.sampling poisson, or use rdp")
-    if dp.adaptive_clipping and dp.noise_multiplier != 0:
+    z = dp.noise_multiplier
+    if dp.adaptive_clipping and adaptive_ok and z:  # (a calibrated z is checked once known, before training)
         count_noise = dp.count_noise if dp.count_noise is not None else fed.fraction * fed.num_clients / 20
-        z = dp.noise_multiplier
-        if z is not None and 2 * count_noise <= z:
-            error("dp.count_noise", f"{count_noise:g} leaves no noise for the update: adaptive clipping needs 2 * count_noise > z = {z:g}")
+        if 2 * count_noise <= z:
+            key = "dp.count_noise" if dp.count_noise is not None else "dp.noise_multiplier"
+            error(key, f"count noise {count_noise:g} leaves no noise for the update: adaptive clipping needs 2 * dp.count_noise > z = {z:g}")
 
 
 def _check_clients(cfg: Config, source: Callable[[str], str], errors: list[str], cohort: int) -> None:
