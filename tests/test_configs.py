@@ -13,11 +13,17 @@ from typer.testing import CliRunner
 
 from fltool.cli import app
 from fltool.config import dump_config, load_config
-from fltool.config.registry import AGGREGATORS, ALGORITHMS, ATTACKS, SERVER_OPTIMIZERS
+from fltool.config.registry import AGGREGATORS, ALGORITHMS, ATTACKS, COMPRESSORS, SERVER_OPTIMIZERS
 from fltool.run.metrics import read_metrics
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-REGISTRIES = {"algorithm": ALGORITHMS, "server_optimizer": SERVER_OPTIMIZERS, "aggregator": AGGREGATORS, "attack": ATTACKS}
+REGISTRIES = {
+    "algorithm": ALGORITHMS,
+    "server_optimizer": SERVER_OPTIMIZERS,
+    "aggregator": AGGREGATORS,
+    "attack": ATTACKS,
+    "compression": COMPRESSORS,
+}
 
 # MNIST's shape, so each file's model sees the inputs it was written for, but 600
 # examples: every file's partition still fits (100 clients x 2 shards = 200 shards), and
@@ -67,6 +73,8 @@ def test_config_validates_as_written(path: Path, tmp_path: Path):
 def test_config_runs_one_round_on_synthetic_data(path: Path, tmp_path: Path):
     cfg = load_config(path)
     overrides = [*FAST[cfg.mode], f"output.run_dir={tmp_path / 'run'}"]
+    if cfg.mode == "federated" and cfg.federated.num_clients > 300:  # enough examples for every client's shards
+        overrides.append(f"data.synthetic.train_size={2 * cfg.federated.num_clients}")
     result = CliRunner().invoke(app, ["train", str(path), *overrides])
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "run"
@@ -84,5 +92,8 @@ def test_config_runs_one_round_on_synthetic_data(path: Path, tmp_path: Path):
             assert "malicious_ids" in rows[0]
         if cfg.clients.stragglers > 0:
             assert "straggler_ids" in rows[0]
-        assert rows[0]["clients"] == round(cfg.federated.fraction * cfg.federated.num_clients)
-        assert set(saved["extra"]["algorithm"]) == {"server", "clients", "optimizer"}
+        if cfg.federated.sampling == "fixed":
+            assert rows[0]["clients"] == round(cfg.federated.fraction * cfg.federated.num_clients)
+        assert {"server", "clients", "optimizer"} <= set(saved["extra"]["algorithm"])
+        if cfg.dp.mode != "none":
+            assert rows[0]["epsilon"] > 0 and rows[0]["dp_sampling"] == cfg.federated.sampling
