@@ -310,6 +310,29 @@ def test_dropouts_stragglers_and_alie_under_launch_equal_one_process(tmp_path):
     assert any(r["malicious_ids"] for r in one_rows) and any(r["dropped_ids"] for r in one_rows)
 
 
+@pytest.mark.parametrize("noise_source", ["seeded", "os"])
+def test_dp_under_launch_equals_one_process(tmp_path, noise_source: str):
+    """Central DP with adaptive clipping: every rank clips its clients, the clipped sum
+    and the unclipped count are all-reduced, and the same noise goes on it everywhere
+    (seeded: each rank draws it alike; OS: rank 0 draws, the others add zeros), so the
+    ranks' models stay equal: seeded, also to the one-process run's."""
+    raw = {
+        **_federated_config(),
+        "dp": {"mode": "central", "clip_norm": 0.5, "noise_multiplier": 0.5, "adaptive_clipping": True, "count_noise": 1.0,
+               "noise_source": noise_source},
+    }
+    raw["federated"] = {**raw["federated"], "engine": "vectorized", "fraction": 0.5, "sampling": "poisson", "rounds": 3}
+    done, two = _launch(tmp_path, "two", raw, "--nproc", "2")
+    assert done.returncode == 0, done.stderr
+    rows = read_metrics(two)
+    assert len(rows) == 3 and rows[-1]["epsilon"] > rows[0]["epsilon"] > 0
+    if noise_source == "seeded":
+        ref = _single_process(tmp_path / "single", raw)
+        assert_same_model(load_model(two), load_model(ref))
+        clip = lambda run: [r["dp_clip_norm"] for r in read_metrics(run)]  # noqa: E731
+        assert clip(two) == pytest.approx(clip(ref), rel=1e-5)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
