@@ -20,6 +20,8 @@ from fltool.distributed.comm import TorchComm
 from fltool.run.checkpoint import Checkpoint, load_checkpoint
 from fltool.trainers.federated import train_federated
 from fltool.trainers.progress import RunSummary
+from fltool.trainers.privacy_budget import budget_for
+from fltool.trainers.privacy_budget import describe as describe_budget
 from fltool.run.rundir import CONFIG_FILE, last_checkpoint
 from fltool.run.runner import summary_dict, what_to_train
 from fltool.errors import FltoolError
@@ -50,6 +52,9 @@ def run_worker(run_dir: Path) -> RunSummary:
         reporter = PlainReporter(unit)  # workers' stdout goes to log files: no rich
         if comm.is_main:
             reporter.start(f"{cfg.name} (rank 0 of {comm.world_size})", str(run_dir), first, total)
+            budget = budget_for(cfg) if cfg.mode == "federated" else None
+            if budget is not None:
+                reporter.message(describe_budget(cfg, budget))
         on_row = reporter.update if comm.is_main else None
         if cfg.mode == "ddp":
             from fltool.trainers.ddp import train_ddp
