@@ -18,8 +18,25 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     no_args_is_help=True,
-    help="Federated learning (FedAvg, FedSGD, FedProx) and DDP training from a YAML experiment file.",
+    help="Federated learning (FedAvg, FedProx, SCAFFOLD, robust aggregation, DP, ...) and DDP training from a YAML experiment file.",
 )
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from fltool import __version__
+
+        typer.echo(f"fltool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=show_version, is_eager=True, help="Print fltool's version and exit.")
+    ] = False,
+) -> None:
+    """Federated learning (FedAvg, FedSGD, FedProx, SCAFFOLD, ...) and DDP training from a YAML experiment file."""
 
 
 @contextmanager

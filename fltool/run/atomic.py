@@ -11,8 +11,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 
 def _read_umask() -> int:
     mask = os.umask(0)
@@ -59,5 +57,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_torch_save(obj: object, path: str | Path) -> None:
     buf = io.BytesIO()
+    import torch  # here, not at the top: the CLI imports this module and starts without torch
+
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
