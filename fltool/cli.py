@@ -77,6 +77,9 @@ def train(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides: key=value ...")] = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")] = False,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory.")] = None,
+    json_summary: Annotated[
+        bool, typer.Option("--json", help="Print the summary as one JSON object on stdout; progress goes to stderr.")
+    ] = False,
 ) -> None:
     """Train from CONFIG (federated simulation in-process, or DDP with world size 1)."""
     from fltool.config import dump_config, load_config
@@ -94,9 +97,9 @@ def train(
             cfg = load_config(config, overrides) if resume is None else resume_config(resume, overrides)
             typer.echo(dump_config(cfg), nl=False)
         elif resume is not None:
-            resume_run(resume, overrides, make_reporter())
+            resume_run(resume, overrides, make_reporter(json_summary=json_summary))
         else:
-            start_run(load_config(config, overrides), make_reporter())
+            start_run(load_config(config, overrides), make_reporter(json_summary=json_summary))
 
 
 @app.command()

@@ -20,40 +20,51 @@ def _span(unit: str, first: int, total: int) -> str:
     return f"{unit}s {first}..{total}" if first <= total else "nothing left to train"
 
 
-class PlainReporter:
-    """One line per round; safe for logs, pipes and CI."""
+def row_line(unit: str, total: int, row: dict[str, Any]) -> str:
+    return (
+        f"{unit} {row[unit]}/{total}  acc {_fmt(row.get('test_accuracy'))}"
+        f"  test_loss {_fmt(row.get('test_loss'))}  train_loss {_fmt(row.get('train_loss'))}"
+        f"  {row.get('wall_s', 0.0):.2f}s"
+    )
 
-    def __init__(self, unit: str = "round") -> None:
+
+class PlainReporter:
+    """One line per round; safe for logs, pipes and CI. With `json_summary`, progress
+    goes to stderr and the summary alone to stdout, as one JSON object."""
+
+    def __init__(self, unit: str = "round", json_summary: bool = False) -> None:
         self.unit = unit
         self.total = 0
+        self.json_summary = json_summary
+        self.stream = sys.stderr if json_summary else sys.stdout
 
     def start(self, name: str, run_dir: str, first: int, total: int) -> None:
         self.total = total
-        print(f"fltool: {name} -> {run_dir} ({_span(self.unit, first, total)})", flush=True)
+        print(f"fltool: {name} -> {run_dir} ({_span(self.unit, first, total)})", file=self.stream, flush=True)
 
     def update(self, row: dict[str, Any]) -> None:
-        print(
-            f"{self.unit} {row[self.unit]}/{self.total}  acc {_fmt(row.get('test_accuracy'))}"
-            f"  test_loss {_fmt(row.get('test_loss'))}  train_loss {_fmt(row.get('train_loss'))}"
-            f"  {row.get('wall_s', 0.0):.2f}s",
-            flush=True,
-        )
+        print(row_line(self.unit, self.total, row), file=self.stream, flush=True)
 
     def message(self, text: str) -> None:
-        print(text, flush=True)
+        print(text, file=self.stream, flush=True)
 
     def finish(self, summary: dict[str, Any]) -> None:
+        if self.json_summary:
+            from fltool.run.metrics import strict_json
+
+            print(strict_json(summary), flush=True)  # an infinite epsilon or NaN loss as null
+            return
         for key, value in summary.items():
-            print(f"{key}: {'-' if value is None else value}", flush=True)
+            print(f"{key}: {'-' if value is None else value}", file=self.stream, flush=True)
 
     def close(self) -> None:
         """Leave the terminal as it was, however the run ended (Ctrl-C, an error)."""
 
 
 class RichReporter(PlainReporter):
-    def __init__(self, unit: str = "round") -> None:
-        super().__init__(unit)
-        self.console = Console()
+    def __init__(self, unit: str = "round", json_summary: bool = False) -> None:
+        super().__init__(unit, json_summary)
+        self.console = Console(stderr=json_summary)
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -76,6 +87,7 @@ class RichReporter(PlainReporter):
         fields = {"description": f"{self.unit} {row[self.unit]}/{self.total}"}
         if row.get("test_accuracy") is not None:
             fields.update(acc=_fmt(row["test_accuracy"]), loss=_fmt(row["test_loss"]))
+            self.progress.console.print(row_line(self.unit, self.total, row), markup=False, highlight=False)  # stays above the bar
         self.progress.update(self.task, completed=row[self.unit], **fields)
 
     def message(self, text: str) -> None:
@@ -86,14 +98,19 @@ class RichReporter(PlainReporter):
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.close()
+        if self.json_summary:
+            super().finish(summary)
+            return
         table = Table(title="summary", show_header=False)
         for key, value in summary.items():
             table.add_row(key, "-" if value is None else str(value))
         self.console.print(table)
 
 
-def make_reporter(unit: str = "round") -> PlainReporter:
-    return RichReporter(unit) if sys.stdout.isatty() else PlainReporter(unit)
+def make_reporter(unit: str = "round", json_summary: bool = False) -> PlainReporter:
+    """Rich progress where a person watches the stream it goes to, plain lines otherwise."""
+    watched = (sys.stderr if json_summary else sys.stdout).isatty()
+    return RichReporter(unit, json_summary) if watched else PlainReporter(unit, json_summary)
 
 
 def print_eval(report: dict[str, Any]) -> None:

@@ -393,3 +393,19 @@ def test_resume_refuses_a_checkpoint_of_another_algorithm(make_config, tmp_path:
         raise result.exception
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().startswith(f"error: {last}: was trained with algorithm.name='fedprox'")
+
+
+def test_train_json_prints_only_the_summary_on_stdout(make_config, tmp_path: Path):
+    """`--json`: stdout is one JSON object (missing values null, an infinite epsilon
+    null), progress lines go to stderr; without it, the summary shows `-` for a missing value."""
+    from fltool.config import dump_config
+
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(dump_config(make_config()))
+    done = fltool("train", str(cfg_path), "federated.rounds=2", "dp.mode=central", "dp.noise_multiplier=0", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["rounds"] == 2 and summary["target_reached_round"] is None and summary["epsilon"] is None
+    assert "round 2/2" in done.stderr and "dp: central, noise multiplier 0.0000" in done.stderr
+    plain = fltool("train", str(cfg_path), "federated.rounds=1", cwd=tmp_path)
+    assert "target_reached_round: -" in plain.stdout and "None" not in plain.stdout
