@@ -7,6 +7,8 @@ runs `python -m fltool.distributed.worker RUN_DIR`.
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import os
 import shlex
@@ -23,7 +25,7 @@ from fltool.run.atomic import atomic_write_text
 from fltool.run.metrics import read_metrics
 from fltool.run.checkpoint import load_checkpoint
 from fltool.run.resume import check_resumable, resume_config
-from fltool.run.rundir import CONFIG_FILE, RunInterrupted, check_run_dir_available, create_run_dir, last_checkpoint
+from fltool.run.rundir import CONFIG_FILE, RunInterrupted, check_run_dir_available, create_run_dir, last_checkpoint, run_lock
 from fltool.models.setup import check_model_fits
 from fltool.errors import FltoolError
 
@@ -202,13 +204,21 @@ def dry_run_command(cfg: Config, opts: LaunchOptions, resume: Path | None) -> st
 
 def launch(cfg: Config, opts: LaunchOptions, resume: Path | None = None) -> Path:
     """Create (or reuse) the run directory and run the workers; raise WorkerFailed on failure."""
+    check_endpoint_resolves(opts)
+    run_dir = node_run_dir(cfg, opts, resume)
+    # node 0 holds the run for the whole launch (its workers are its children); other nodes share it
+    with run_lock(run_dir) if opts.node_rank == 0 else contextlib.nullcontext():
+        if resume is not None:  # the workers read the run directory's config: keep it current
+            atomic_write_text(resume / CONFIG_FILE, dump_config(cfg))
+        return run_workers(cfg, opts, run_dir)
+
+
+def run_workers(cfg: Config, opts: LaunchOptions, run_dir: Path) -> Path:
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousError
     from torch.distributed.run import parse_args, run
 
-    check_endpoint_resolves(opts)
-    run_dir = node_run_dir(cfg, opts, resume)
     # The agent logs each dead worker at ERROR level; `failure_summary` reports it once.
     agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
     level = agent_log.level
@@ -266,8 +276,7 @@ def node_run_dir(cfg: Config, opts: LaunchOptions, resume: Path | None) -> Path:
     Node 0 creates it (fresh, never overwritten); the other nodes of a multi-node launch
     wait until node 0's resolved config is there and check it equals their own.
     """
-    if resume is not None:  # the workers read the run directory's config: keep it current
-        atomic_write_text(resume / CONFIG_FILE, dump_config(cfg))
+    if resume is not None:
         return resume
     if opts.node_rank == 0:
         return create_run_dir(cfg)

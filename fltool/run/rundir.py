@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fltool.config import Config, dump_config
@@ -85,6 +88,34 @@ def _create_run_dir(cfg: Config) -> Path:
     (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
     atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
     return run_dir
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory for this process: `train`, `train --resume` and `launch`
+    (node 0) write a run only while holding it, so two processes never write one run.
+    An flock: the OS drops it when the holder dies, so a killed run leaves no stale lock."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise FltoolError(f"{path}: cannot open the run's lock file: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise FltoolError(
+                f"{run_dir}: another fltool process (pid {holder}) is writing this run; wait for it to end, or stop it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # (closing drops the flock)
 
 
 def last_checkpoint(run_dir: Path) -> Path:

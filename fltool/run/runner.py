@@ -21,6 +21,7 @@ from fltool.run.rundir import (
     last_checkpoint,
     missing_dirs,
     run_dir_base,
+    run_lock,
 )
 from fltool.models.setup import check_model_fits
 from fltool.errors import FltoolError
@@ -85,7 +86,8 @@ def start_run(cfg: Config, reporter: PlainReporter) -> RunSummary:
     if not cfg.output.run_dir:  # a timestamped run directory is always new
         created.insert(0, run_dir)
     try:
-        return run(cfg, run_dir, reporter)
+        with run_lock(run_dir):
+            return run(cfg, run_dir, reporter)
     except (Exception, KeyboardInterrupt):
         # Failed or interrupted before a single round was logged (bad data root, a crash in
         # set-up, Ctrl-C in round 1): leave no empty run behind, which would also block a
@@ -96,7 +98,12 @@ def start_run(cfg: Config, reporter: PlainReporter) -> RunSummary:
 
 
 def resume_run(run_dir: Path, overrides: list[str], reporter: PlainReporter) -> RunSummary:
-    cfg = resume_config(run_dir, overrides)
+    cfg = resume_config(run_dir, overrides)  # (first: it says whether run_dir is a run at all)
+    with run_lock(run_dir):
+        return _resume_locked(cfg, run_dir, overrides, reporter)
+
+
+def _resume_locked(cfg: Config, run_dir: Path, overrides: list[str], reporter: PlainReporter) -> RunSummary:
     ckpt_path = last_checkpoint(run_dir)
     if not ckpt_path.is_file():
         raise FltoolError(f"{run_dir}: no checkpoint to resume from ({ckpt_path} is missing)")
