@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from fltool.cli import app
 from fltool.config import dump_config, load_config
 from fltool.config.registry import AGGREGATORS, ALGORITHMS, ATTACKS, COMPRESSORS, SERVER_OPTIMIZERS
+from fltool.data import data_shape
 from fltool.run.metrics import read_metrics
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -73,6 +74,9 @@ def test_config_validates_as_written(path: Path, tmp_path: Path):
 def test_config_runs_one_round_on_synthetic_data(path: Path, tmp_path: Path):
     cfg = load_config(path)
     overrides = [*FAST[cfg.mode], f"output.run_dir={tmp_path / 'run'}"]
+    if cfg.mode == "federated" and cfg.data.dataset != "mnist":  # synthetic data of the file's dataset's shape
+        shape, classes = data_shape(cfg.data)
+        overrides += [f"data.synthetic.shape=[{','.join(map(str, shape))}]", f"data.synthetic.num_classes={classes}"]
     if cfg.mode == "federated" and cfg.federated.num_clients > 300:  # enough examples for every client's shards
         overrides.append(f"data.synthetic.train_size={2 * cfg.federated.num_clients}")
     result = CliRunner().invoke(app, ["train", str(path), *overrides])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import stat
 import sys
 import types
 import typing
@@ -59,7 +60,22 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, sto
     return config_from_dict(raw, source, provenance, cli_errors)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; reading gigabytes would look like a hang
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    try:
+        info = path.stat()  # before opening: opening a FIFO blocks until a writer comes
+    except FileNotFoundError:
+        raise FltoolError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise FltoolError(f"{path}: cannot read: {exc.strerror}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise FltoolError(f"{path}: is a directory, expected a YAML file")
+    if not stat.S_ISREG(info.st_mode):
+        raise FltoolError(f"{path}: not a regular file (a FIFO, socket or device), expected a YAML file")
+    if info.st_size > MAX_CONFIG_BYTES:
+        raise FltoolError(f"{path}: {info.st_size:,} bytes, more than the {MAX_CONFIG_BYTES:,} a config may have")
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -348,10 +364,17 @@ def _cross_checks(cfg: Config, source: Callable[[str], str], errors: list[str]) 
         errors.append(f"{source('data.synthetic.shape')}: data.synthetic.shape: must be [channels, height, width]")
     if cfg.data.dataset == "synthetic" and len(shape) == 3 and all(s >= 1 for s in shape):
         _check_synthetic_size(cfg.data.synthetic, source, errors)
+    if cfg.data.partition == "natural" and not cfg.data.class_path:
+        errors.append(
+            f"{source('data.partition')}: data.partition: natural needs each example's client id, "
+            "which only a data.class_path dataset gives"
+        )
     if cfg.mode == "ddp":
         return
-    size = cfg.data.synthetic.train_size if cfg.data.dataset == "synthetic" else MNIST_TRAIN_SIZE
-    if cfg.federated.num_clients > size:
+    size = _train_size(cfg)
+    if size is None:  # your data (data.class_path): checked once it is loaded
+        pass
+    elif cfg.federated.num_clients > size:
         errors.append(
             f"{source('federated.num_clients')}: federated.num_clients: {cfg.federated.num_clients} clients "
             f"exceed the {size} training examples"
@@ -371,6 +394,17 @@ def _cross_checks(cfg: Config, source: Callable[[str], str], errors: list[str]) 
     _check_aggregator(cfg, source, errors, min(cohort, faults.min_returned) if may_shrink else cohort)
     if cfg.dp.mode != "none":
         _check_dp(cfg, source, errors)
+
+
+def _train_size(cfg: Config) -> int | None:
+    """Training examples of the configured dataset, known without loading it."""
+    from fltool.data.vision import VISION
+
+    if cfg.data.class_path:
+        return None
+    if cfg.data.dataset == "synthetic":
+        return cfg.data.synthetic.train_size
+    return VISION[cfg.data.dataset].train_size if cfg.data.dataset in VISION else MNIST_TRAIN_SIZE
 
 
 def _check_dp(cfg: Config, source: Callable[[str], str], errors: list[str]) -> None:
@@ -447,11 +481,20 @@ def _show(value: Any) -> str:
         # repr of a huge int is a screenful, or an error past 4300 digits
         return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
     if isinstance(value, str):
-        return repr(value)
+        return _cut(repr(value), len(value), "characters")
     if value is None:
         return "null"
     try:
         text = repr(value)
     except ValueError:  # a list or mapping holding an int past 4300 digits
         text = "..."
+    if isinstance(value, (list, dict)):
+        text = _cut(text, len(value), "items")
     return f"{text} ({type(value).__name__})" if not isinstance(value, (int, float)) else text
+
+
+SHOWN_CHARS = 60  # of a value in an error line: a 500 KB string would drown the message
+
+
+def _cut(text: str, count: int, unit: str) -> str:
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({count:,} {unit})"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Mode = Literal["federated", "ddp"]
 
@@ -25,6 +25,7 @@ AT_LEAST_ONE = _check(lambda v: v >= 1, ">= 1")
 UNIT_INTERVAL_OPEN_LEFT = _check(lambda v: 0 < v <= 1, "in (0, 1]")
 UNIT_INTERVAL_CLOSED = _check(lambda v: 0 <= v <= 1, "in [0, 1]")
 PERCENT = _check(lambda v: 0 < v <= 1, "in (0, 1] (a fraction, not a percentage)")
+MAPPING = _check(lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a mapping of names to values")
 
 
 @dataclass
@@ -40,10 +41,19 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["mnist", "fashion_mnist", "synthetic"] = "mnist"
+    dataset: Literal[
+        "mnist", "fashion_mnist", "cifar10", "cifar100", "emnist_byclass", "emnist_balanced", "synthetic"
+    ] = "mnist"
+    # your data: "pkg.mod:fn" (or "pkg.mod.fn"), called with init_args, returning train and
+    # test (x, y) tensors or torch Datasets, optionally train client ids (see fltool.data.user);
+    # it replaces `dataset`
+    class_path: str | None = None
+    init_args: dict[str, Any] = field(default_factory=dict, metadata=MAPPING)
     root: str | None = None  # read-only source of raw archives; else $FLTOOL_DATA
     cache: str | None = None  # where archives are extracted; else $FLTOOL_CACHE or ~/.cache/fltool
-    partition: Literal["iid", "shards", "dirichlet"] = "iid"
+    # natural: one client per client id the class_path data gives; their count is K
+    partition: Literal["iid", "shards", "dirichlet", "natural"] = "iid"
+    min_examples: int = field(default=1, metadata=AT_LEAST_ONE)  # natural: clients with fewer are dropped
     alpha: float = field(default=0.5, metadata=POSITIVE)  # dirichlet concentration
     shards_per_client: int = field(default=2, metadata=AT_LEAST_ONE)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -52,6 +62,10 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: Literal["mlp", "cnn", "cnn_small", "cnn_cifar"] = "mlp"
+    # your model: "pkg.mod:Net" (or "pkg.mod.Net"), any nn.Module class or function,
+    # called as class_path(**init_args); it replaces `name` (see fltool.models.user)
+    class_path: str | None = None
+    init_args: dict[str, Any] = field(default_factory=dict, metadata=MAPPING)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from fltool.config.schema import DataConfig, SyntheticConfig
+from fltool.data.vision import VISION, load_vision, normalise_per_channel
 from fltool.errors import FltoolError
 
 # name -> (torchvision class name, folder, mean, std) of the training images
@@ -29,12 +30,15 @@ _TORCHVISION = {
 class TensorSplit:
     x: torch.Tensor  # float32 [N, C, H, W], normalised
     y: torch.Tensor  # int64 [N]
+    # int64 [N] on the host: each example's natural client (a writer, a user), for
+    # `data.partition: natural`; None where the data has no such owner
+    client: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.y.shape[0]
 
     def to(self, device: torch.device | str) -> TensorSplit:
-        return TensorSplit(self.x.to(device), self.y.to(device))
+        return TensorSplit(self.x.to(device), self.y.to(device), self.client)
 
 
 @dataclass
@@ -53,15 +57,32 @@ class Dataset:
 
 
 def data_shape(cfg: DataConfig) -> tuple[tuple[int, ...], int]:
-    """(input shape [C, H, W], number of classes) of the configured dataset, without loading it."""
+    """(input shape, number of classes) of the configured dataset, without loading it
+    (a `data.class_path` dataset is loaded once, and kept for `load_dataset`)."""
+    if cfg.class_path:
+        from fltool.data.user import load_user_dataset
+
+        ds = load_user_dataset(cfg)
+        return ds.input_shape, ds.num_classes
     if cfg.dataset == "synthetic":
         return tuple(cfg.synthetic.shape), cfg.synthetic.num_classes
+    if cfg.dataset in VISION:
+        return VISION[cfg.dataset].shape, VISION[cfg.dataset].num_classes
     return (1, 28, 28), 10  # MNIST and FashionMNIST
 
 
 def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
+    if cfg.class_path:
+        from fltool.data.user import load_user_dataset
+
+        return load_user_dataset(cfg)
     if cfg.dataset == "synthetic":
         return make_synthetic(cfg.synthetic, seed)
+    if cfg.dataset in VISION:
+        x_train, y_train, x_test, y_test = load_vision(cfg.dataset, data_root(cfg), cache_root(cfg))
+        x_train_f, x_test_f = normalise_per_channel(x_train, x_test)
+        train, test = TensorSplit(x_train_f, y_train), TensorSplit(x_test_f, y_test)
+        return Dataset(cfg.dataset, train, test, num_classes=VISION[cfg.dataset].num_classes)
     return _load_torchvision(cfg)
 
 
