@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -79,21 +78,34 @@ def decrypt(key: bytes, message: bytes, ad: bytes) -> bytes:
         raise TamperedMessage("secagg: a relayed share failed authentication (tampered, misdirected or replayed)") from None
 
 
-def prg_chunks(seed: bytes, length: int, device: torch.device | str = "cpu", chunk: int = CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
-    """(offset, int64 tensor of uint32 words in [0, 2^32)) covering `length` words."""
+def _words(seed: bytes, length: int, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(offset, int32 view of the next PRG words): one reused buffer, so each view is
+    valid only until the next step. int32 rather than uint32: a word read signed differs
+    from it by 2^32, which the final reduction mod 2^32 removes, and torch adds int32
+    into int64 without a conversion pass."""
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor()
+    size = min(chunk, length)
+    zeros, out = bytes(4 * size), bytearray(4 * size + 15)  # update_into wants block_size - 1 spare
     for start in range(0, length, chunk):
         n = min(chunk, length - start)
-        words = np.frombuffer(encryptor.update(bytes(4 * n)), dtype="<u4")
-        yield start, torch.from_numpy(words.astype(np.int64)).to(device, non_blocking=True)
+        encryptor.update_into(memoryview(zeros)[: 4 * n], out)
+        yield start, torch.frombuffer(out, dtype=torch.int32, count=n)
+
+
+def prg_chunks(seed: bytes, length: int, device: torch.device | str = "cpu", chunk: int = CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
+    """(offset, int64 tensor of uint32 words in [0, 2^32)) covering `length` words."""
+    for start, words in _words(seed, length, chunk):
+        yield start, words.to(device=device, dtype=torch.int64).bitwise_and_(0xFFFFFFFF)
 
 
 def add_mask_(acc: torch.Tensor, seed: bytes, sign: int, chunk: int = CHUNK) -> None:
-    """acc += sign * PRG(seed), in int64 without reduction (callers reduce mod 2^32 once:
-    a few thousand terms below 2^32 cannot overflow int64)."""
-    for start, words in prg_chunks(seed, acc.numel(), acc.device, chunk):
+    """acc += sign * PRG(seed) (mod 2^32), in int64 without reduction: callers reduce
+    mod 2^32 once, and a few thousand terms of magnitude < 2^32 cannot overflow int64.
+    Each chunk goes to acc's device as int32 (half the bytes of int64)."""
+    for start, words in _words(seed, acc.numel(), chunk):
         view = acc[start:start + words.numel()]
+        words = words.to(acc.device) if acc.device.type != "cpu" else words
         if sign > 0:
-            view += words
+            view.add_(words)
         else:
-            view -= words
+            view.sub_(words)
