@@ -16,7 +16,7 @@ CASES = {
     "unknown key with suggestion": ("federated:\n  rouns: 3\n", [], ["federated.rouns: unknown key; did you mean 'federated.rounds'?"]),
     "unknown top-level key": ("modle: {name: mlp}\n", [], ["modle: unknown key; did you mean 'model'?"]),
     "bad mode lists allowed": ("mode: fedsdg\n", [], ["mode: must be one of federated, ddp; got 'fedsdg'"]),
-    "bad dataset": ("data: {dataset: cifar100}\n", [], ["data.dataset: must be one of mnist, fashion_mnist, synthetic"]),
+    "bad dataset": ("data: {dataset: imagenet}\n", [], ["data.dataset: must be one of mnist, fashion_mnist, cifar10, cifar100"]),
     "bad partition": ("data: {partition: random}\n", [], ["data.partition: must be one of iid, shards, dirichlet"]),
     "fraction above one": ("federated: {fraction: 1.5}\n", [], ["federated.fraction: must be in (0, 1], got 1.5"]),
     "fraction zero": ("federated: {fraction: 0}\n", [], ["federated.fraction: must be in (0, 1]"]),

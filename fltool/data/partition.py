@@ -7,11 +7,15 @@ example exactly once. Client sizes n_k may differ.
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 import torch
 
-from fltool.config.schema import DataConfig
+from fltool.config.schema import Config, DataConfig
 from fltool.errors import FltoolError
+
+if TYPE_CHECKING:
+    from fltool.data.datasets import Dataset
 
 
 def partition(labels: torch.Tensor, num_clients: int, cfg: DataConfig, seed: int) -> list[torch.Tensor]:
@@ -74,3 +78,27 @@ def _fill_empty_clients(clients: list[torch.Tensor]) -> list[torch.Tensor]:
 def label_histogram(labels: torch.Tensor, clients: list[torch.Tensor], num_classes: int) -> torch.Tensor:
     """[K, num_classes] counts, for inspecting skew."""
     return torch.stack([torch.bincount(labels[idx], minlength=num_classes) for idx in clients])
+
+
+def natural_partition(client_ids: torch.Tensor, min_examples: int = 1) -> list[torch.Tensor]:
+    """One client per distinct id, in increasing id order, holding its examples in data
+    order; ids with fewer than `min_examples` examples are dropped with their examples
+    (a client of 1 example gives a noisy update and, weighted by n_k, says little)."""
+    ids, inverse, counts = torch.unique(client_ids, return_inverse=True, return_counts=True)
+    order = torch.argsort(inverse, stable=True)
+    parts = torch.split(order, counts.tolist())
+    return [p.clone() for p, n in zip(parts, counts.tolist()) if n >= min_examples]
+
+
+def natural_clients(cfg: Config, dataset: Dataset) -> list[torch.Tensor]:
+    """The natural partition of `dataset`'s training set, and `cfg.federated.num_clients`
+    set to its client count: everything that sizes per-client state or samples cohorts
+    reads K from there, and a run's stored config records the K it trained with."""
+    ids = dataset.train.client
+    if ids is None:
+        raise FltoolError(f"data.partition: natural needs client ids; {dataset.name} returned none (see fltool.data.user)")
+    parts = natural_partition(ids, cfg.data.min_examples)
+    if not parts:
+        raise FltoolError(f"data.min_examples: no client has {cfg.data.min_examples} or more examples")
+    cfg.federated.num_clients = len(parts)
+    return parts

@@ -7,7 +7,6 @@ from torch import nn
 from fltool.engines.base import ClientData, CohortJob, Engine
 from fltool.engines.sequential import SequentialEngine
 from fltool.engines.vectorized.engine import VectorizedEngine
-from fltool.models.setup import has_running_stats
 
 __all__ = ["ClientData", "CohortJob", "Engine", "SequentialEngine", "VectorizedEngine", "make_engine"]
 
@@ -20,11 +19,17 @@ def make_engine(
     cuda_graphs: bool = True,
     amp: str = "none",
 ) -> SequentialEngine | VectorizedEngine:
-    """`sequential`, `vectorized`, or `auto`: vectorized unless the model keeps BatchNorm
-    running statistics (which one stacked forward pass cannot update per client).
+    """`sequential`, `vectorized`, or `auto`: vectorized where one batched step of the
+    model runs, else sequential (see `fltool.engines.auto`, which prints the choice).
     `amp` "bf16" runs the clients' forward passes under bf16 autocast."""
     if name == "auto":
-        name = "sequential" if has_running_stats(model) else "vectorized"
+        from fltool.engines.auto import announce, choose_engine
+
+        engine, reason = choose_engine(
+            model, lambda: VectorizedEngine(model, seed, max_parallel_clients, cuda_graphs=cuda_graphs, amp=amp)
+        )
+        announce("vectorized" if engine is not None else "sequential", reason)
+        return engine if engine is not None else SequentialEngine(model, seed, amp)
     if name == "vectorized":
         return VectorizedEngine(model, seed, max_parallel_clients, cuda_graphs=cuda_graphs, amp=amp)
     if name == "sequential":

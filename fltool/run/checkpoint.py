@@ -167,7 +167,7 @@ def check_weights_fit(ckpt: Checkpoint, path: Path, cfg: Config | None = None) -
     shape, classes = data_shape(cfg.data)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a Linear of zero inputs warns when built
-        wanted = {k: tuple(v.shape) for k, v in build_model(cfg.model.name, shape, classes).state_dict().items()}
+        wanted = {k: tuple(v.shape) for k, v in build_model(cfg.model, shape, classes).state_dict().items()}
     got = {k: tuple(v.shape) for k, v in ckpt.model.items()}
     problems = []
     if missing := [k for k in wanted if k not in got]:

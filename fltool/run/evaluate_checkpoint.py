@@ -31,7 +31,7 @@ def evaluate_checkpoint(path: Path, data_root: str | None = None, device: str = 
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=data_root))
     check_weights_fit(ckpt, path, cfg)  # before the data is loaded: it needs none
     dataset = load_dataset(cfg.data, cfg.seed).to(dev)
-    model = build_model(cfg.model.name, dataset.input_shape, dataset.num_classes).to(dev)
+    model = build_model(cfg.model, dataset.input_shape, dataset.num_classes).to(dev)
     model.load_state_dict(ckpt.model)
     result = evaluate(model, dataset.test, cfg.eval.batch_size, dataset.num_classes)
     return {

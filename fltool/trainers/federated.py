@@ -26,7 +26,7 @@ from fltool.algorithms.compression import Compressor
 from fltool.algorithms.privacy import Privacy
 from fltool.algorithms.sampling import cohort_size
 from fltool.config import Config
-from fltool.data import data_shape, load_dataset, partition
+from fltool.data import data_shape, load_dataset, natural_clients, partition
 from fltool.devices import keep_freed_host_memory, resolve_device
 from fltool.distributed.comm import Comm
 from fltool.engines import ClientData, CohortJob, Engine, VectorizedEngine, make_engine
@@ -101,7 +101,7 @@ def check_algorithm_state(cfg: Config, saved: Any, where: str) -> None:
     shape, classes = data_shape(cfg.data)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a Linear of zero inputs warns when built
-        params = [p.detach() for p in build_model(cfg.model.name, shape, classes).parameters()]
+        params = [p.detach() for p in build_model(cfg.model, shape, classes).parameters()]
         expected = FederatedState(cfg, build_algorithm(cfg), params, torch.device("meta")).parts()
     check_algorithm_state_like(expected, saved, where)
 
@@ -134,7 +134,10 @@ def build_algorithm(cfg: Config) -> FedAvg:
 
 def build_clients(cfg: Config, device: torch.device) -> tuple[Any, list[ClientData]]:
     dataset = load_dataset(cfg.data, cfg.seed).to(device)
-    parts = partition(dataset.train.y.cpu(), cfg.federated.num_clients, cfg.data, cfg.seed)
+    if cfg.data.partition == "natural":  # K comes from the data (see natural_clients)
+        parts = natural_clients(cfg, dataset)
+    else:
+        parts = partition(dataset.train.y.cpu(), cfg.federated.num_clients, cfg.data, cfg.seed)
     clients = []
     for k, idx in enumerate(parts):
         idx = idx.to(device)
