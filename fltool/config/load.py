@@ -89,6 +89,8 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     try:
         data = parse_yaml(text)
     except yaml.YAMLError as exc:
+        if _too_deep(exc):
+            raise FltoolError(f"{path}: invalid YAML: nested too deeply") from None
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -104,6 +106,11 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise FltoolError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
     return data
+
+
+def _too_deep(exc: yaml.YAMLError) -> bool:
+    """libyaml's own depth limit, which the pure-Python parser meets as a RecursionError."""
+    return "nesting depth" in str(getattr(exc, "problem", None) or exc)
 
 
 def upgrade_stored(raw: dict[str, Any]) -> dict[str, Any]:
@@ -126,6 +133,10 @@ def upgrade_stored(raw: dict[str, Any]) -> dict[str, Any]:
 
 def parse_override(item: str) -> tuple[str, Any]:
     """`federated.rounds=5` -> ("federated.rounds", 5); the value is typed as YAML."""
+    try:
+        item.encode()
+    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        raise FltoolError(f"command line: override '{ascii(item)[1:-1]}' is not valid UTF-8 text") from None
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -136,7 +147,9 @@ def parse_override(item: str) -> tuple[str, Any]:
         )
     try:
         value = parse_yaml(text, key) if text.strip() else None
-    except yaml.YAMLError:
+    except yaml.YAMLError as exc:
+        if _too_deep(exc):
+            raise FltoolError(f"command line: {key}: value nested too deeply") from None
         value = text
     except RecursionError:
         raise FltoolError(f"command line: {key}: value nested too deeply") from None
@@ -198,6 +211,9 @@ def _source_of(dotted: str, source: str, prov: dict[str, str]) -> str:
     return next((prov[k] for k in prov if k.startswith(dotted + ".")), source)
 
 
+UNKNOWN_KEYS_SHOWN = 5  # per section: a file of 100,000 stray keys gets 5 lines and a count
+
+
 def _build(cls: type, raw: Any, prefix: str, source: str, prov: dict[str, str], errors: list[str]):
     where = prefix.rstrip(".") or "<top level>"
     if not isinstance(raw, dict):
@@ -205,20 +221,25 @@ def _build(cls: type, raw: Any, prefix: str, source: str, prov: dict[str, str], 
         return cls()
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            dotted = f"{prefix}{key}"
-            if dotted in RENAMED:
-                errors.append(f"{_source_of(dotted, source, prov)}: {dotted}: is now {RENAMED[dotted]}")
-                continue
-            # A mapping value is a misspelt section, a scalar a misspelt setting.
-            candidates = [n for n in fields if dataclasses.is_dataclass(hints[n]) == isinstance(raw[key], dict)]
-            close = difflib.get_close_matches(str(key), candidates or list(fields), n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
-            owners = _choices_with_key(prefix, key)
-            if owners and not close:  # e.g. fedprox's mu left in a file switched to fedavg
-                hint = f" of {where} {raw.get('name', cls().name)} (a key of {', '.join(owners)}){hint}"
-            errors.append(f"{_source_of(dotted, source, prov)}: {dotted}: unknown key{hint}")
+    unknown = [key for key in raw if key not in fields]
+    for key in unknown[:UNKNOWN_KEYS_SHOWN]:
+        dotted = f"{prefix}{_cut(str(key), len(str(key)), 'characters')}"
+        if dotted in RENAMED:
+            errors.append(f"{_source_of(dotted, source, prov)}: {dotted}: is now {RENAMED[dotted]}")
+            continue
+        # A mapping value is a misspelt section, a scalar a misspelt setting.
+        candidates = [n for n in fields if dataclasses.is_dataclass(hints[n]) == isinstance(raw[key], dict)]
+        close = difflib.get_close_matches(str(key)[:100], candidates or list(fields), n=1)
+        hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+        owners = _choices_with_key(prefix, key)
+        if owners and not close:  # e.g. fedprox's mu left in a file switched to fedavg
+            hint = f" of {where} {raw.get('name', cls().name)} (a key of {', '.join(owners)}){hint}"
+        errors.append(f"{_source_of(dotted, source, prov)}: {dotted}: unknown key{hint}")
+    if len(unknown) > UNKNOWN_KEYS_SHOWN:
+        errors.append(
+            f"{_source_of(where, source, prov)}: {where}: {len(unknown) - UNKNOWN_KEYS_SHOWN:,} more unknown keys "
+            f"(valid keys: {', '.join(fields)})"
+        )
     kwargs = {}
     for name, f in fields.items():
         if not prefix and name in REGISTRY_SECTIONS:  # by its name's class, given or not
@@ -394,6 +415,8 @@ def _cross_checks(cfg: Config, source: Callable[[str], str], errors: list[str]) 
     _check_aggregator(cfg, source, errors, min(cohort, faults.min_returned) if may_shrink else cohort)
     if cfg.dp.mode != "none":
         _check_dp(cfg, source, errors)
+    if cfg.secagg.enabled:
+        _check_secagg(cfg, source, errors, cohort)
 
 
 def _train_size(cfg: Config) -> int | None:
@@ -433,6 +456,23 @@ def _check_dp(cfg: Config, source: Callable[[str], str], errors: list[str]) -> N
         if 2 * count_noise <= z:
             key = "dp.count_noise" if dp.count_noise is not None else "dp.noise_multiplier"
             error(key, f"count noise {count_noise:g} leaves no noise for the update: adaptive clipping needs 2 * dp.count_noise > z = {z:g}")
+
+
+def _check_secagg(cfg: Config, source: Callable[[str], str], errors: list[str], cohort: int) -> None:
+    """Secure aggregation reveals only a sum: what needs more than a sum cannot run on it."""
+    sa = cfg.secagg
+
+    def error(key: str, text: str) -> None:
+        errors.append(f"{source(key)}: {key}: {text}")
+
+    if cfg.aggregator.name != "mean":
+        error("aggregator.name", f"{cfg.aggregator.name} needs the individual updates, which secagg hides from the server: use mean")
+    if cfg.compression.name != "none":
+        error("compression.name", "the server decodes each client's compressed upload, which secagg hides: use none")
+    if cohort * sa.quantization_range >= 1 << sa.modulus_bits:
+        error("secagg.quantization_range", f"{cohort} clients x {sa.quantization_range} levels overflow mod 2^{sa.modulus_bits}")
+    if cohort < 2:
+        error("secagg.enabled", "secure aggregation of a single client reveals its update: the cohort needs >= 2 clients")
 
 
 def _check_clients(cfg: Config, source: Callable[[str], str], errors: list[str], cohort: int) -> None:

@@ -27,7 +27,11 @@ YAML12_SCALARS = [
 ]
 
 
-class Yaml12Loader(yaml.SafeLoader):
+# libyaml's parser where PyYAML has it: the pure-Python one takes ~10 s for a 1 MB file
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class Yaml12Loader(_SafeLoader):  # type: ignore[misc,valid-type]
     """SafeLoader whose untagged scalars follow YAML 1.2: any plain scalar that is not
     null, bool, int or float is a string (no timestamps, merge keys or sexagesimals)."""
 
@@ -75,6 +79,18 @@ _add_yaml12_resolvers(Yaml12Dumper)  # onto SafeDumper's 1.1 table: quote what e
 Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
+MAX_EXPANDED_NODES = 100_000  # a config has hundreds; an alias bomb, billions
+
+
+class AliasBomb(yaml.YAMLError):
+    """Aliases that would expand the document past MAX_EXPANDED_NODES values: building
+    it would take the memory and time of the expansion."""
+
+    def __init__(self) -> None:
+        super().__init__(f"aliases expand it to more than {MAX_EXPANDED_NODES:,} values; a config needs far fewer")
+        self.problem = str(self)
+
+
 class DuplicateKeys(Exception):
     def __init__(self, found: list[tuple[str, int]]) -> None:
         super().__init__(found)
@@ -90,12 +106,49 @@ def parse_yaml(text: str, prefix: str = "") -> Any:
         node = loader.get_single_node()
         if node is None:
             return None
+        expanded, distinct = _expanded_size(node)
+        if expanded - distinct > MAX_EXPANDED_NODES:  # what the aliases add (a long file is fine)
+            raise AliasBomb()
         found = _duplicate_keys(loader, node, prefix)
         if found:
             raise DuplicateKeys(found)
         return loader.construct_document(node)
     finally:
         loader.dispose()
+
+
+def _expanded_size(root: yaml.Node) -> tuple[int, int]:
+    """(nodes once every alias is expanded, distinct nodes), counted on the composed
+    graph (where an alias is a shared node) without expanding anything: each node's
+    size once, children first, capped past the limit. A cycle counts as unbounded."""
+    cap = 2 * MAX_EXPANDED_NODES + 10**7
+    size: dict[int, int] = {}
+    todo: list[tuple[yaml.Node, bool]] = [(root, False)]
+    open_nodes: set[int] = set()
+    while todo:
+        node, children_done = todo.pop()
+        key = id(node)
+        if key in size:
+            continue
+        children = _children(node)
+        if children_done:
+            open_nodes.discard(key)
+            size[key] = min(cap, 1 + sum(size[id(c)] for c in children))
+            continue
+        if key in open_nodes:  # reached again while its own children are pending: a cycle
+            return cap, 0
+        open_nodes.add(key)
+        todo.append((node, True))
+        todo.extend((c, False) for c in children if id(c) not in size)
+    return size[id(root)], len(size)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
 
 
 def _duplicate_keys(loader: Yaml12Loader, root: yaml.Node, prefix: str) -> list[tuple[str, int]]:

@@ -11,6 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from fltool.errors import FltoolError
+
 
 def _read_umask() -> int:
     mask = os.umask(0)
@@ -22,8 +24,24 @@ def _read_umask() -> int:
 FILE_MODE = 0o666 & ~_read_umask()
 
 
+class WriteFailed(FltoolError):
+    """The OS refused a write (a full disk, a quota, an I/O error); the target file is
+    the last complete version, or absent."""
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        super().__init__(f"{path}: cannot write: {exc.strerror or exc}; the file on disk is the last complete one")
+        self.path = path
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
+    try:
+        _write(path, data)
+    except OSError as exc:
+        raise WriteFailed(path, exc) from None
+
+
+def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -26,6 +26,8 @@ def create_run_dir(cfg: Config) -> Path:
     key = "output.run_dir" if cfg.output.run_dir else "output.dir"
     try:
         return _create_run_dir(cfg)
+    except UnicodeEncodeError:
+        raise FltoolError(f"{key}: {_shown(run_dir_base(cfg))}: the OS cannot encode this path") from None
     except OSError as exc:  # a file in the way, no permission, a read-only filesystem, ...
         where = f": {exc.filename}" if exc.filename else ""
         raise FltoolError(f"{key}: cannot create the run directory{where}: {exc.strerror or exc}") from None
@@ -38,7 +40,7 @@ def check_run_dir_available(cfg: Config) -> None:
     base = run_dir_base(cfg)
     if cfg.output.run_dir and base.is_dir() and any(base.iterdir()):
         raise FltoolError(f"output.run_dir: {base} already exists and is not empty; runs are never overwritten")
-    existing = next(p for p in (base, *base.parents) if p.exists() or p == p.parent)
+    existing = next(p for p in (base, *base.parents) if path_exists(p, key) or p == p.parent)
     if not existing.is_dir():
         raise FltoolError(f"{key}: cannot create the run directory: {existing}: Not a directory")  # as the OS says it
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -50,9 +52,25 @@ def run_dir_base(cfg: Config) -> Path:
     return Path(cfg.output.run_dir) if cfg.output.run_dir else Path(cfg.output.dir) / cfg.name
 
 
-def missing_dirs(path: Path) -> list[Path]:
+def missing_dirs(path: Path, key: str = "output.dir") -> list[Path]:
     """`path` and its ancestors that do not exist yet, innermost first."""
-    return list(itertools.takewhile(lambda p: not p.exists(), (path, *path.parents)))
+    return list(itertools.takewhile(lambda p: not path_exists(p, key), (path, *path.parents)))
+
+
+def path_exists(path: Path, key: str) -> bool:
+    """Path.exists, but a path the OS refuses (a component over 255 bytes, a name the
+    filesystem cannot encode) is one line naming `key`, not a traceback."""
+    try:
+        return path.exists()
+    except UnicodeEncodeError:
+        raise FltoolError(f"{key}: {_shown(path)}: the OS cannot encode this path") from None
+    except OSError as exc:
+        raise FltoolError(f"{key}: {_shown(path)}: the OS refuses this path: {exc.strerror}") from None
+
+
+def _shown(path: Path) -> str:
+    text = ascii(str(path))[1:-1]  # (escapes what the terminal could not print either)
+    return text if len(text) <= 120 else f"{text[:120]}... ({len(str(path)):,} characters)"
 
 
 def discard_run_dir(run_dir: Path, created: list[Path]) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from fltool.config import Config, dump_config
-from fltool.run.atomic import atomic_write_text
+from fltool.run.atomic import WriteFailed, atomic_write_text
 from fltool.run.checkpoint import Checkpoint, load_checkpoint
 from fltool.trainers.federated import train_federated
 from fltool.trainers.privacy_budget import budget_for
@@ -73,6 +73,10 @@ def run(cfg: Config, run_dir: Path, reporter: PlainReporter, resume: Checkpoint 
             summary = train_federated(cfg, run_dir, reporter.update, resume)
     except KeyboardInterrupt:
         raise RunInterrupted(run_dir) from None
+    except WriteFailed as exc:
+        if last_checkpoint(run_dir).is_file():
+            raise FltoolError(f"{exc.lines[0]}; once fixed, continue with `fltool train --resume {run_dir}`") from None
+        raise
     finally:
         reporter.close()
     reporter.finish(summary_dict(summary, reporter.unit))
@@ -81,7 +85,7 @@ def run(cfg: Config, run_dir: Path, reporter: PlainReporter, resume: Checkpoint 
 
 def start_run(cfg: Config, reporter: PlainReporter) -> RunSummary:
     check_model_fits(cfg)
-    created = missing_dirs(run_dir_base(cfg))
+    created = missing_dirs(run_dir_base(cfg), "output.run_dir" if cfg.output.run_dir else "output.dir")
     run_dir = create_run_dir(cfg)
     if not cfg.output.run_dir:  # a timestamped run directory is always new
         created.insert(0, run_dir)
