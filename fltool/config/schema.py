@@ -182,6 +182,23 @@ class DPConfig:
     noise_source: Literal["seeded", "os"] = "seeded"
 
 
+@dataclass
+class SecAggConfig:
+    """Secure aggregation (SecAgg+, Bell et al. 2020; `fltool.algorithms.secagg`): the
+    server sees only masked, quantised uploads and learns their weighted sum."""
+
+    enabled: bool = False
+    graph: Literal["k_regular", "complete"] = "k_regular"  # SecAgg+ or the original SecAgg
+    num_shares: int | None = field(default=None, metadata=AT_LEAST_ONE)  # k neighbours; null: ~3 log2(cohort)
+    # t shares reconstruct a secret; null: a third of the k + 1 shareholders (at least 2)
+    reconstruction_threshold: int | None = field(default=None, metadata=_check(lambda v: v >= 2, ">= 2"))
+    clipping_range: float = field(default=8.0, metadata=POSITIVE)  # each coordinate clipped to [-c, c]
+    quantization_range: int = field(default=2**22, metadata=_check(lambda v: v >= 2, ">= 2"))
+    modulus_bits: int = field(default=32, metadata=_check(lambda v: 8 <= v <= 32, "in [8, 32] (the PRG gives 32-bit words)"))
+    # probability that a client drops after sharing keys (recovered through its neighbours' shares)
+    dropout: float = field(default=0.0, metadata=UNIT_INTERVAL_CLOSED)
+
+
 # sections whose class is chosen by their `name` key (see `fltool.config.registry`)
 REGISTRY_SECTIONS = {
     "algorithm": "ALGORITHMS",
@@ -251,6 +268,7 @@ class Config:
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     attack: AttackConfig = _chosen("attack", "none")
     dp: DPConfig = field(default_factory=DPConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     compression: CompressionConfig = _chosen("compression", "none")
     ddp: DDPConfig = field(default_factory=DDPConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

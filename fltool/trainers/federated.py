@@ -168,6 +168,10 @@ def train_round(
     compressor (what the server decodes), central DP's clip (on what the server
     received); the server's DP noise goes on the aggregate."""
     aggregator = AGGREGATORS.get(cfg.aggregator.name)(cfg.aggregator)
+    if cfg.secagg.enabled:  # the mean, through secure aggregation (robust aggregators are refused at load)
+        from fltool.algorithms.secagg.aggregator import SecureMeanAggregator
+
+        aggregator = SecureMeanAggregator(cfg.secagg, cfg.seed, round_)
     new_rows: list[tuple[Tensor, Stacked]] = []
     compressed_rows: list[tuple[Tensor, Stacked]] = []
     bytes_up = torch.zeros((), dtype=torch.float64, device=global_params[0].device)
@@ -203,6 +207,8 @@ def train_round(
     if held is not None:
         send(*held)
     aggregate: Aggregate = aggregator.reduce(comm, [loss_sum, bytes_up], cohort, cfg.federated.num_clients)
+    if cfg.secagg.enabled:  # what went up: keys, encrypted shares, masked vectors
+        bytes_up = torch.full_like(bytes_up, aggregator.bytes_up)
     if new_rows:
         store_client_rows(state.clients, new_rows, comm)
     if compressed_rows:
@@ -318,7 +324,13 @@ def train_federated(
             global_now = [p.detach() for p in params]
             mine = round_clients(clients, plan, attack, dataset.num_classes)[comm.rank :: comm.world_size]
             malicious = malicious_mask(plan, attack, len(clients), r, device)
-            new, loss_sum, bytes_up = train_round(engine, algorithm, state, global_now, mine, r, cfg, comm, len(trained), attack, malicious)
+            try:
+                new, loss_sum, bytes_up = train_round(engine, algorithm, state, global_now, mine, r, cfg, comm, len(trained), attack, malicious)
+            except FltoolError as error:  # a SecAgg round with too few live shareholders: skip it, or fail
+                if type(error).__name__ != "SecAggAbort" or cfg.clients.on_too_few != "skip":
+                    raise
+                warnings.warn(f"round {r} skipped: {error}", stacklevel=1)
+                new, loss_sum, bytes_up = global_now, None, None
             with torch.no_grad():
                 torch._foreach_copy_(global_now, new)
         n_total = sum(clients[k].n for k in trained)  # every rank knows every n_k

@@ -1,0 +1,97 @@
+"""SecureMeanAggregator: the mean aggregator's result, computed through SecAgg(+).
+
+Each chunk's uploads are flattened per client into one vector (delta, then the extras
+such as SCAFFOLD's control-variate deltas or FedNova's step counts, so every sum the
+algorithm needs goes through the protocol). At reduce time each client's vector is
+multiplied by its relative weight r_k = w_k m / W (mean 1, so clipping to
+[-clipping_range, clipping_range] bites no more than on the raw update), clipped,
+quantised, and masked; the server unmasks only sum_k r_k x_k over the clients whose
+masked input arrived (U3), and divides: sum_{U3} w_k x_k / W_U3, a weighted mean.
+
+The weights w_k (example counts) are treated as public, as in Flower's SecAgg+; the
+protocol hides the update vectors. Randomness: keys, seeds and the neighbour graph come
+from the OS; the stochastic rounding and the simulated protocol dropouts from the
+experiment seed, so runs repeat exactly (the masks cancel exactly).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fltool.algorithms.api import Aggregate, Upload
+from fltool.algorithms.sampling import generator_for
+from fltool.algorithms.secagg.encoding import check_capacity, dequantize, quantize
+from fltool.algorithms.secagg.graph import default_neighbours
+from fltool.algorithms.secagg.protocol import RoundResult, SecAggAbort, SecAggParams, run_round
+from fltool.config.schema import SecAggConfig
+from fltool.errors import FltoolError
+
+
+def protocol_params(cfg: SecAggConfig, cohort: int, round_id: int) -> SecAggParams:
+    """k and t for a cohort: the configured ones, or k ~ 3 log2(n) and t = (k + 1) / 3."""
+    k = cohort - 1 if cfg.graph == "complete" else min(cfg.num_shares or default_neighbours(cohort), cohort - 1)
+    if k % 2 == 1 and cohort % 2 == 1 and k < cohort - 1:
+        k += 1  # an odd-degree regular graph needs an even cohort
+    t = cfg.reconstruction_threshold or max(2, math.ceil((k + 1) / 3))
+    if t > k + 1:  # a small cohort (after dropouts): the round cannot run without revealing someone
+        raise SecAggAbort(f"secagg: {cohort} clients give each client {k + 1} shareholders, fewer than the threshold {t}")
+    return SecAggParams(neighbours=k, threshold=t, modulus_bits=cfg.modulus_bits, round_id=round_id)
+
+
+class SecureMeanAggregator:
+    """Collects the cohort's uploads, runs one SecAgg(+) round at `reduce`."""
+
+    def __init__(self, cfg: SecAggConfig, seed: int, round_: int) -> None:
+        self.cfg, self.seed, self.round = cfg, seed, round_
+        self.ids: list[Tensor] = []
+        self.weights: list[Tensor] = []
+        self.rows: list[Tensor] = []
+        self.layout: list[tuple[str, list[torch.Size]]] = []
+        self.last: RoundResult | None = None
+
+    def add(self, ids: Tensor, upload: Upload) -> None:
+        parts = {"delta": upload.delta, **{f"extra.{k}": v for k, v in sorted(upload.extras.items())}}
+        self.layout = [(name, [t.shape[1:] for t in ts]) for name, ts in parts.items()]
+        self.ids.append(ids)
+        self.weights.append(upload.weight)
+        self.rows.append(torch.cat([t.reshape(t.shape[0], -1).float() for ts in parts.values() for t in ts], dim=1))
+
+    def reduce(self, comm: Any, also: Sequence[Tensor], clients: int, num_clients: int) -> Aggregate:
+        if getattr(comm, "world_size", 1) > 1:
+            raise FltoolError("secagg: not supported under `fltool launch` (one process runs the whole protocol)")
+        comm.all_reduce_sum(list(also))
+        ids = torch.cat(self.ids).tolist()
+        weights, rows = torch.cat(self.weights).double(), torch.cat(self.rows)
+        m = len(ids)
+        check_capacity(m, self.cfg.quantization_range, self.cfg.modulus_bits)
+        params = protocol_params(self.cfg, m, self.round)
+        relative = weights * (m / weights.sum())
+        coins = generator_for(self.seed, "secagg-rounding", self.round)
+        encoded = {cid: quantize(relative[i] * rows[i].double(), self.cfg.clipping_range, self.cfg.quantization_range, coins)
+                   for i, cid in enumerate(ids)}
+        dropped = generator_for(self.seed, "secagg-dropout", self.round)
+        gone = {cid for cid, u in zip(ids, torch.rand(m, generator=dropped).tolist()) if u < self.cfg.dropout}
+        self.last = run_round(encoded, params, drop={"masked_input": gone}, keep_vectors=False)
+        u3 = set(self.last.contributors)
+        total = dequantize(self.last.total, len(u3), self.cfg.clipping_range, self.cfg.quantization_range)
+        w_u3 = sum(float(weights[i]) for i, cid in enumerate(ids) if cid in u3)
+        mean = (total * (float(weights.sum()) / (m * w_u3))).to(rows.dtype)
+        out, at = {}, 0
+        for name, shapes in self.layout:
+            out[name] = []
+            for shape in shapes:
+                size = math.prod(shape)
+                out[name].append(mean[at:at + size].view(shape))
+                at += size
+        extras = {k.removeprefix("extra."): v for k, v in out.items() if k.startswith("extra.")}
+        return Aggregate(delta=out["delta"], extras=extras, clients=clients, num_clients=num_clients)
+
+    @property
+    def bytes_up(self) -> int:
+        """What the cohort sent through the server: keys, encrypted shares, masked vectors, revealed shares."""
+        return 0 if self.last is None else sum(self.last.transcript.up.values())

@@ -1,0 +1,124 @@
+"""SecAgg in training: the secure mean equals the plain mean within the quantisation
+error, config checks refuse what needs individual updates, and runs resume exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fltool.algorithms.aggregators.mean import MeanAggregator
+from fltool.algorithms.api import Upload
+from fltool.algorithms.secagg import error_bound
+from fltool.algorithms.secagg.aggregator import SecureMeanAggregator, protocol_params
+from fltool.config import load_config
+from fltool.config.schema import AggregatorConfig, SecAggConfig
+from fltool.distributed.comm import Comm
+from fltool.errors import FltoolError
+from fltool.run.checkpoint import load_checkpoint
+from fltool.run.metrics import read_metrics
+from fltool.run.rundir import create_run_dir, last_checkpoint
+from fltool.trainers.federated import train_federated
+
+
+def _uploads(m: int, seed: int = 0) -> list[tuple[torch.Tensor, Upload]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, m, 3):  # chunks of 3, as an engine hands them over
+        ids = torch.arange(start, min(m, start + 3))
+        k = len(ids)
+        delta = [torch.randn(k, 4, 3, generator=g) * 0.05, torch.randn(k, 3, generator=g) * 0.05]
+        extras = {"c": [torch.randn(k, 5, generator=g) * 0.01]}
+        out.append((ids, Upload(delta=delta, weight=torch.randint(10, 100, (k,), generator=g).float(), extras=extras)))
+    return out
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_secure_mean_equals_mean_within_quantisation_error(dropout: float) -> None:
+    m = 10
+    cfg = SecAggConfig(enabled=True, num_shares=4, dropout=dropout)
+    secure, plain = SecureMeanAggregator(cfg, seed=0, round_=1), MeanAggregator(AggregatorConfig())
+    for ids, up in _uploads(m):
+        secure.add(ids, up)
+        if dropout == 0:
+            plain.add(ids, up)
+    got = secure.reduce(Comm(), [], m, 100)
+    contributors = secure.last.contributors
+    if dropout:
+        assert len(contributors) < m  # some dropped after sharing keys, still unmasked
+        for ids, up in _uploads(m):
+            keep = torch.tensor([int(i) in contributors for i in ids])
+            plain.add(ids[keep], Upload([d[keep] for d in up.delta], up.weight[keep], {k: [t[keep] for t in v] for k, v in up.extras.items()}))
+    want = plain.reduce(Comm(), [], m, 100)
+    bound = error_bound(len(contributors), 8.0, 2**22) * 2  # relative weights reach ~2
+    for a, b in zip(got.delta + got.extras["c"], want.delta + want.extras["c"]):
+        assert a.shape == b.shape and (a - b).abs().max().item() <= bound
+    assert secure.bytes_up > 0
+
+
+def test_protocol_params_for_small_cohorts() -> None:
+    p = protocol_params(SecAggConfig(enabled=True), 10, 0)
+    assert (p.neighbours, p.threshold) == (9, 4)
+    p = protocol_params(SecAggConfig(enabled=True, num_shares=5), 11, 0)
+    assert p.neighbours == 6  # odd degree on an odd cohort: rounded up
+
+
+@pytest.mark.parametrize(("override", "key"), [("aggregator.name=median", "aggregator.name"),
+                                                ("compression.name=qsgd", "compression.name"),
+                                                ("secagg.quantization_range=1000000000", "secagg.quantization_range")])
+def test_config_refuses_what_needs_individual_updates(override: str, key: str) -> None:
+    with pytest.raises(FltoolError, match=key):
+        load_config(None, ["secagg.enabled=true", override])
+
+
+def _cfg(tmp_path: Path, secagg: bool, rounds: int = 3):
+    return load_config(None, [
+        "data.dataset=synthetic", "data.synthetic.train_size=400", "data.synthetic.test_size=100", "device=cpu",
+        "model.name=mlp", "federated.num_clients=20", "federated.fraction=0.5", f"federated.rounds={rounds}",
+        f"secagg.enabled={'true' if secagg else 'false'}", "secagg.dropout=0.2", "secagg.num_shares=4",
+        f"output.run_dir={tmp_path}",
+    ])
+
+
+def test_training_with_secagg_matches_training_without(tmp_path: Path) -> None:
+    on, off = _cfg(tmp_path / "on", True), _cfg(tmp_path / "off", False)
+    off.secagg.dropout = 0.0
+    on.secagg.dropout = 0.0
+    for cfg in (on, off):
+        train_federated(cfg, create_run_dir(cfg))
+    a, b = read_metrics(tmp_path / "on"), read_metrics(tmp_path / "off")
+    assert abs(a[-1]["test_accuracy"] - b[-1]["test_accuracy"]) <= 0.02
+    ma, mb = load_checkpoint(last_checkpoint(tmp_path / "on")).model, load_checkpoint(last_checkpoint(tmp_path / "off")).model
+    assert all((ma[k] - mb[k]).abs().max().item() < 1e-3 for k in ma)
+
+
+def test_resume_with_secagg_is_exact(tmp_path: Path) -> None:
+    full = _cfg(tmp_path / "full", True)
+    train_federated(full, create_run_dir(full))
+    cfg = _cfg(tmp_path / "resumed", True)
+
+    def interrupt(row: dict) -> None:
+        if row["round"] == 2:
+            raise KeyboardInterrupt
+
+    run_dir = create_run_dir(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train_federated(cfg, run_dir, on_round=interrupt)
+    train_federated(cfg, run_dir, resume=load_checkpoint(last_checkpoint(run_dir)))
+    a, b = load_checkpoint(last_checkpoint(tmp_path / "full")).model, load_checkpoint(last_checkpoint(run_dir)).model
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_too_few_shareholders_skip_the_round(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, True, rounds=1)
+    cfg.secagg.dropout = 1.0  # everyone drops after sharing keys: nothing to unmask
+    cfg.clients.on_too_few = "skip"
+    with pytest.warns(UserWarning, match="skipped"):
+        train_federated(cfg, create_run_dir(cfg))
+    assert read_metrics(tmp_path)[0]["train_loss"] is None
+    again = _cfg(tmp_path / "again", True, rounds=1)
+    again.secagg.dropout = 1.0
+    again.clients.on_too_few = "resample"  # (resampling after an abort is not implemented: the run fails)
+    with pytest.raises(FltoolError, match="aborted"):
+        train_federated(again, create_run_dir(again))
