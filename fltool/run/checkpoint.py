@@ -237,6 +237,10 @@ def _read_torch_file(path: Path) -> tuple[Any, list[warnings.WarningMessage]]:
 
 def _load_failure(path: Path, exc: BaseException) -> str:
     text = str(exc).strip()
+    # a global the weights-only unpickler blocks: pickled code or objects, whatever torch's wording
+    # ("Unsupported global: GLOBAL x.y" before 2.14, "unsupported GLOBAL x.y whose module ..." since)
+    if isinstance(exc, pickle.UnpicklingError) and (m := re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", text)):
+        return f"{path}: refused: it holds a pickled Python object ({m[1]}), not plain tensors"
     if isinstance(exc, pickle.UnpicklingError) and "WeightsUnpickler error:" in text:
         # torch's advice to load with weights_only=False is wrong here: a checkpoint of
         # fltool's holds only tensors and plain values, which a weights-only load reads

@@ -7,6 +7,7 @@ resume leaves the run directory exactly as it was."""
 from __future__ import annotations
 
 import argparse
+import os
 import io
 import pickle
 import random
@@ -99,11 +100,21 @@ def test_a_torch_file_holding_foreign_objects_is_not_an_fltool_checkpoint(tmp_pa
     path = tmp_path / "foreign.pt"
     torch.save({"args": argparse.Namespace(lr=0.1), "model": {}}, path)
     line = refused(["eval", str(path)])
-    assert line == (
-        f"error: {path}: not an fltool checkpoint (it holds an object of type argparse.Namespace; "
-        "fltool's hold only tensors and plain values)"
-    )
+    assert line == f"error: {path}: refused: it holds a pickled Python object (argparse.Namespace), not plain tensors"
     assert "weights_only" not in line
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_checkpoint_carrying_pickled_code_is_refused_as_such_and_never_runs(tmp_path: Path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": RunsCode()}, path)
+    line = refused(["eval", str(path)])
+    assert line == f"error: {path}: refused: it holds a pickled Python object ({os.system.__module__}.system), not plain tensors"
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
 
 
 def mutations(good: bytes, count: int, seed: int) -> list[bytes]:
