@@ -61,7 +61,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["mlp", "cnn", "cnn_small", "cnn_cifar"] = "mlp"
+    name: Literal["mlp", "cnn", "cnn_small", "cnn_cifar", "resnet8_gn"] = "mlp"
     # your model: "pkg.mod:Net" (or "pkg.mod.Net"), any nn.Module class or function,
     # called as class_path(**init_args); it replaces `name` (see fltool.models.user)
     class_path: str | None = None

@@ -7,13 +7,14 @@ from collections.abc import Callable
 from torch import nn
 
 from fltool.config.schema import ModelConfig
-from fltool.models.nets import cnn, cnn_cifar, cnn_small, mlp
+from fltool.models.nets import cnn, cnn_cifar, cnn_small, mlp, resnet8_gn
 
 MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
     "mlp": mlp,
     "cnn": cnn,
     "cnn_small": cnn_small,
     "cnn_cifar": cnn_cifar,
+    "resnet8_gn": resnet8_gn,
 }
 
 

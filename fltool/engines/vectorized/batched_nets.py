@@ -28,19 +28,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fltool.models.nets import Residual
+
 # (stacked params in model.parameters() order, x (M, B, ...)) -> logits (M, B, K)
 BatchedApply = Callable[[Sequence[Tensor], Tensor], Tensor]
 
 _ELEMENTWISE = (nn.ReLU, nn.Dropout, nn.MaxPool2d)
+# layers that act on the grouped (B, M*C, H, W) layout as they are, or per channel group
+_CONV_STAGE = (nn.ReLU, nn.Dropout, nn.MaxPool2d, nn.GroupNorm, nn.AdaptiveAvgPool2d)
 
 
 def supports(model: nn.Module) -> bool:
     if not isinstance(model, nn.Sequential) or len(list(model.buffers())) > 0:
         return False
     for layer in model:
-        if isinstance(layer, nn.Conv2d):
-            plain = layer.groups == 1 and layer.padding_mode == "zeros" and isinstance(layer.padding, tuple)
-            if not plain:
+        if isinstance(layer, (nn.Conv2d, nn.GroupNorm, nn.AdaptiveAvgPool2d, Residual)):
+            if not _conv_stage_supported(layer):
                 return False
         elif isinstance(layer, nn.Flatten):
             if (layer.start_dim, layer.end_dim) != (1, -1):
@@ -48,6 +51,16 @@ def supports(model: nn.Module) -> bool:
         elif not isinstance(layer, (nn.Linear, *_ELEMENTWISE)):
             return False
     return True
+
+
+def _conv_stage_supported(layer: nn.Module) -> bool:
+    """A layer the grouped layout runs: a plain Conv2d, a GroupNorm (with affine weights
+    or none), pooling, or a `Residual` of such layers."""
+    if isinstance(layer, nn.Conv2d):
+        return layer.groups == 1 and layer.padding_mode == "zeros" and isinstance(layer.padding, tuple)
+    if isinstance(layer, Residual):
+        return all(_conv_stage_supported(sub) for part in (layer.body, layer.shortcut) for sub in part)
+    return isinstance(layer, _CONV_STAGE)
 
 
 @dataclass(frozen=True)
@@ -293,20 +306,10 @@ def make_batched_apply(model: nn.Sequential) -> BatchedApply:
         it: Iterator[Tensor] = iter(params)
         h, grouped = x, False
         for layer in layers:
-            if isinstance(layer, nn.Conv2d):
+            if isinstance(layer, (nn.Conv2d, nn.GroupNorm, nn.AdaptiveAvgPool2d, Residual)):
                 if not grouped:
                     h, grouped = _grouped(h, m).contiguous(memory_format=layout), True
-                w = next(it)
-                b = next(it) if layer.bias is not None else None
-                h = F.conv2d(
-                    h,
-                    w.reshape(-1, *w.shape[2:]).contiguous(memory_format=layout),
-                    None if b is None else b.reshape(-1),
-                    layer.stride,
-                    layer.padding,
-                    layer.dilation,
-                    groups=m,
-                )
+                h = _conv_stage(layer, h, it, m, layout)
             elif isinstance(layer, nn.MaxPool2d):
                 if not grouped:
                     h, grouped = _grouped(h, m), True
@@ -325,3 +328,47 @@ def make_batched_apply(model: nn.Sequential) -> BatchedApply:
         return h
 
     return apply
+
+
+def _conv_stage(layer: nn.Module, h: Tensor, it: Iterator[Tensor], m: int, layout: torch.memory_format) -> Tensor:
+    """One conv-stage layer on the grouped (B, M*C, H, W) activations of M clients,
+    taking its parameters from `it` in `model.parameters()` order.
+
+    - Conv2d: one convolution with groups=M.
+    - GroupNorm(G, C): client m's channels are [m*C, (m+1)*C) and its groups contiguous
+      runs of C/G of them, so GroupNorm(M*G, M*C) with the stacked affine parameters is
+      every client's own GroupNorm.
+    - Residual: body and shortcut each in this layout (an empty shortcut is the identity)."""
+    if isinstance(layer, nn.Conv2d):
+        w = next(it)
+        b = next(it) if layer.bias is not None else None
+        return F.conv2d(
+            h,
+            w.reshape(-1, *w.shape[2:]).contiguous(memory_format=layout),
+            None if b is None else b.reshape(-1),
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            groups=m,
+        )
+    if isinstance(layer, nn.GroupNorm):
+        w = next(it).reshape(-1) if layer.affine else None
+        b = next(it).reshape(-1) if layer.affine else None
+        return F.group_norm(h, m * layer.num_groups, w, b, layer.eps)
+    if isinstance(layer, nn.AdaptiveAvgPool2d):
+        return F.adaptive_avg_pool2d(h, layer.output_size)
+    if isinstance(layer, nn.MaxPool2d):
+        return F.max_pool2d(h, layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.ceil_mode)
+    if isinstance(layer, nn.ReLU):
+        return F.relu(h)
+    if isinstance(layer, nn.Dropout):
+        return _dropout(h, layer.p, layer.training)
+    if isinstance(layer, Residual):
+        out = h
+        for sub in layer.body:
+            out = _conv_stage(sub, out, it, m, layout)
+        skip = h
+        for sub in layer.shortcut:
+            skip = _conv_stage(sub, skip, it, m, layout)
+        return out + skip
+    raise ValueError(f"{type(layer).__name__} is not a conv-stage layer")
