@@ -124,11 +124,11 @@ def main() -> None:
                     totals[(model, setting, n, d)] = row["total_s"]
                     print(f"{model:5} {setting:9} {n:5d} {d:5.0%} {row['k']:4d} {row['client_s']:11.4f} {row['server_s']:9.3f} "
                           f"{fmt_bytes(row['up']):>10} {fmt_bytes(row['down']):>10}", flush=True)
-    print("\ngrowth of the round's total work (all clients + server) from 100 to 1,000 clients "
-          "(n log n predicts 15x, n^2 100x):")
+    print("\ngrowth of the round's total work (all clients + server) per tenfold cohort "
+          "(n log n predicts ~15x, n^2 100x):")
     for (model, setting, n, d), t in sorted(totals.items()):
-        if n == 1000 and (model, setting, 100, d) in totals and setting != "none":
-            print(f"  {model} {setting} drop {d:.0%}: {t / totals[(model, setting, 100, d)]:.1f}x")
+        if setting != "none" and (model, setting, n // 10, d) in totals:
+            print(f"  {model} {setting} drop {d:.0%} {n // 10}->{n}: {t / totals[(model, setting, n // 10, d)]:.1f}x")
     if skipped:
         print("skipped (flags --max-complete / --max-cnn): " + ", ".join(skipped))
     if not args.no_training and "2nn" in args.models and 10 in args.cohorts:
