@@ -63,11 +63,8 @@ def interrupt_message(exc: KeyboardInterrupt, resume_with: str) -> str:
         return "interrupted"
     if not exc.run_dir.exists():
         return f"interrupted before the first checkpoint: nothing to resume, {exc.run_dir} was removed"
-    if not exc.resumable and resume_with.startswith("fltool launch"):
-        # the workers of a resumed launch start afresh in a run directory without a checkpoint
+    if not exc.resumable:  # a resume of a run directory without a checkpoint starts the run again
         return f"interrupted before the first checkpoint; `{resume_with} --resume {exc.run_dir}` starts the run again there"
-    if not exc.resumable:
-        return f"interrupted before the first checkpoint: nothing to resume in {exc.run_dir}"
     return f"interrupted: the last checkpoint is intact; continue with `{resume_with} --resume {exc.run_dir}`"
 
 

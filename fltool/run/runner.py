@@ -16,6 +16,7 @@ from fltool.run.resume import check_resumable, resume_config
 from fltool.run.rundir import (
     CONFIG_FILE,
     RunInterrupted,
+    best_checkpoint,
     create_run_dir,
     discard_run_dir,
     last_checkpoint,
@@ -101,6 +102,17 @@ def start_run(cfg: Config, reporter: PlainReporter) -> RunSummary:
         raise
 
 
+def _start_again(cfg: Config, run_dir: Path, reporter: PlainReporter) -> RunSummary:
+    """A run killed before its first checkpoint (a SIGKILL, a power cut: no cleanup ran)
+    leaves its directory and config.yaml and nothing to continue: `--resume` starts it
+    again there, from round 1, dropping any metrics rows no checkpoint carries."""
+    for stale in ("metrics.jsonl", "metrics.csv", best_checkpoint(run_dir)):
+        (run_dir / stale).unlink(missing_ok=True)
+    atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
+    reporter.message(f"{run_dir}: no checkpoint yet; starting the run again from round 1")
+    return run(cfg, run_dir, reporter)
+
+
 def resume_run(run_dir: Path, overrides: list[str], reporter: PlainReporter) -> RunSummary:
     cfg = resume_config(run_dir, overrides)  # (first: it says whether run_dir is a run at all)
     with run_lock(run_dir):
@@ -110,7 +122,7 @@ def resume_run(run_dir: Path, overrides: list[str], reporter: PlainReporter) -> 
 def _resume_locked(cfg: Config, run_dir: Path, overrides: list[str], reporter: PlainReporter) -> RunSummary:
     ckpt_path = last_checkpoint(run_dir)
     if not ckpt_path.is_file():
-        raise FltoolError(f"{run_dir}: no checkpoint to resume from ({ckpt_path} is missing)")
+        return _start_again(cfg, run_dir, reporter)
     state = load_checkpoint(ckpt_path)
     check_resumable(state, cfg, ckpt_path, 1, "fltool train")
     if overrides:  # only now, once the resume is known to be valid: the run's config says what it does

@@ -1,0 +1,63 @@
+"""SIGKILL at 20 random moments of a short run, before its first checkpoint included:
+every killed run is finished by one documented command (`fltool train --resume RUN_DIR`,
+or the same `fltool train` again when the kill came before the run directory existed),
+and every finished run's final model is bitwise the uninterrupted run's."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fltool.cli import app
+from fltool.config import dump_config
+from fltool.run.checkpoint import load_checkpoint
+from fltool.run.metrics import read_metrics
+
+KILLS = 20
+
+
+@pytest.mark.timeout(900)
+def test_sigkill_anywhere_then_one_command_finishes_the_same_run(make_config, tmp_path: Path):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(dump_config(make_config(federated={"rounds": 6}, eval={"every": 2})))
+    runner = CliRunner()
+    ref = runner.invoke(app, ["train", str(cfg_path), f"output.run_dir={tmp_path / 'ref'}"])
+    assert ref.exit_code == 0, ref.output
+    expected = load_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt").model
+
+    # how long a run takes here, start to exit, to spread the kills over it
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-m", "fltool", "train", str(cfg_path), f"output.run_dir={tmp_path / 'timed'}"],
+                   capture_output=True, check=True, cwd=tmp_path)
+    span = time.monotonic() - t0
+    rng = random.Random(0)
+    stages = {"no directory": 0, "no checkpoint": 0, "mid-run": 0, "finished": 0}
+    for i in range(KILLS):
+        run_dir = tmp_path / f"killed{i}"
+        command = ["train", str(cfg_path), f"output.run_dir={run_dir}"]
+        proc = subprocess.Popen([sys.executable, "-m", "fltool", *command], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 1.1) * span)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if not (run_dir / "config.yaml").exists():
+            stages["no directory"] += 1
+            finish = runner.invoke(app, command)  # nothing was written: the same command again
+        else:
+            done = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+            has_ckpt = (run_dir / "checkpoints" / "last.pt").exists()
+            stages["finished" if len(done) == 6 else "mid-run" if has_ckpt else "no checkpoint"] += 1
+            finish = runner.invoke(app, ["train", "--resume", str(run_dir)])
+        assert finish.exit_code == 0, (i, finish.output)
+        assert [r["round"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+        got = load_checkpoint(run_dir / "checkpoints" / "last.pt").model
+        assert all(torch.equal(got[k], expected[k]) for k in expected), i
+    assert stages["mid-run"] + stages["no checkpoint"] >= 5, stages  # the kills did land inside runs
