@@ -51,6 +51,11 @@ SETTINGS = {
     },
     "local": {"dp": {"mode": "local", "clip_norm": 1.0, "noise_multiplier": 0.05}},
     "local+fedprox": {"dp": {"mode": "local", "clip_norm": 1.0, "noise_multiplier": 0.05}, "algorithm": {"name": "fedprox", "mu": 0.1}},
+    # compression before central clipping (the server clips what it decoded), after local noise
+    "central+qsgd": {"dp": {"mode": "central", "clip_norm": 0.5, "noise_multiplier": 0.8}, "compression": {"name": "qsgd", "bits": 4}},
+    "local+topk-ef": {
+        "dp": {"mode": "local", "clip_norm": 1.0, "noise_multiplier": 0.05}, "compression": {"name": "topk", "fraction": 0.1},
+    },
 }
 
 
