@@ -48,6 +48,9 @@ class PlainReporter:
     def message(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
 
+    def within(self, index: int, fraction: float) -> None:
+        """Progress inside round (epoch) `index`: plain lines say nothing until it ends."""
+
     def finish(self, summary: dict[str, Any]) -> None:
         if self.json_summary:
             from fltool.run.metrics import strict_json
@@ -92,6 +95,10 @@ class RichReporter(PlainReporter):
 
     def message(self, text: str) -> None:
         self.console.print(text, markup=False, highlight=False)
+
+    def within(self, index: int, fraction: float) -> None:
+        if self.task is not None:  # rich redraws at its own rate: updating the number is cheap
+            self.progress.update(self.task, completed=index - 1 + fraction)
 
     def close(self) -> None:
         self.progress.stop()  # shows the cursor again and ends the bar's line; idempotent

@@ -69,7 +69,7 @@ def run(cfg: Config, run_dir: Path, reporter: PlainReporter, resume: Checkpoint 
         if cfg.mode == "ddp":
             from fltool.trainers.ddp import train_ddp
 
-            summary = train_ddp(cfg, run_dir, reporter.update, resume)
+            summary = train_ddp(cfg, run_dir, reporter.update, resume, on_progress=reporter.within)
         else:
             summary = train_federated(cfg, run_dir, reporter.update, resume)
     except KeyboardInterrupt:

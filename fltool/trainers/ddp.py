@@ -68,8 +68,10 @@ def train_steps(
     y: torch.Tensor,
     batches: torch.Tensor,
     autocast: contextlib.AbstractContextManager,
+    on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Optimizer steps over `batches` [steps, accum, batch] of device indices.
+    """Optimizer steps over `batches` [steps, accum, batch] of device indices; `on_step`
+    hears the count of steps done (for a progress bar; it must not sync with the device).
 
     Returns the sum of micro-batch losses as a device tensor: no host sync in the loop.
     `model` is `wrap_model`'s: the DDP wrapper, or the (maybe compiled) module in a
@@ -77,7 +79,7 @@ def train_steps(
     """
     accum = batches.shape[1]
     loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
-    for step_batches in batches:
+    for done, step_batches in enumerate(batches, start=1):
         for j, idx in enumerate(step_batches):
             # Accumulating micro-batches skip DDP's all-reduce; the last one syncs.
             syncing = j == accum - 1 or not isinstance(model, DistributedDataParallel)
@@ -90,6 +92,8 @@ def train_steps(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if on_step is not None:
+            on_step(done)
     return loss_sum
 
 
@@ -99,7 +103,9 @@ def train_ddp(
     on_row: RowCallback | None = None,
     resume: Checkpoint | None = None,
     comm: Comm | None = None,
+    on_progress: Callable[[int, float], None] | None = None,
 ) -> RunSummary:
+    """`on_progress(epoch, fraction)`: how far into an epoch rank 0 is, as it goes."""
     t_setup = time.perf_counter()
     comm = comm or Comm()
     dcfg = cfg.ddp
@@ -139,7 +145,10 @@ def train_ddp(
             len(dataset.train), cfg.seed, epoch, dcfg.batch_size, dcfg.grad_accum_steps, comm.rank, comm.world_size
         ).to(device)
         model.train()
-        loss_sum = train_steps(model, optimizer, scheduler, x_train, y_train, batches, autocast)
+        on_step = None
+        if on_progress is not None and comm.is_main:
+            on_step = lambda done, epoch=epoch: on_progress(epoch, done / len(batches))  # noqa: E731
+        loss_sum = train_steps(model, optimizer, scheduler, x_train, y_train, batches, autocast, on_step)
 
         comm.all_reduce_sum([loss_sum])  # every rank, every epoch
         row: dict[str, Any] = {

@@ -130,3 +130,21 @@ def test_ddp_mnist_config_trains_and_its_checkpoint_evaluates(tmp_path):
     plain = run_cli("eval", str(run_dir / "checkpoints" / "last.pt"), "--device", "cpu", cwd=tmp_path)
     assert plain.stdout.splitlines()[0].endswith(": ddp cnn on synthetic, epoch 1, 64 test examples")
     assert report["accuracy"] == pytest.approx(row["test_accuracy"])
+
+
+class Watching(PlainReporter):
+    def __init__(self) -> None:
+        super().__init__("epoch")
+        self.seen: list[tuple[int, float]] = []
+
+    def within(self, index: int, fraction: float) -> None:
+        self.seen.append((index, fraction))
+
+
+def test_progress_within_an_epoch_reaches_the_reporter(tmp_path: Path):
+    """The bar moves inside an epoch: one report per optimizer step, each epoch to 1."""
+    reporter = Watching()
+    start_run(_cfg(tmp_path, "progress", epochs=2), reporter)
+    by_epoch = {e: [f for i, f in reporter.seen if i == e] for e in (1, 2)}
+    for fractions in by_epoch.values():
+        assert len(fractions) > 1 and fractions == sorted(fractions) and fractions[-1] == 1.0
