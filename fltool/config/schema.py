@@ -247,6 +247,7 @@ class OutputConfig:
     dir: str = "runs"
     run_dir: str | None = None  # exact run directory; default <dir>/<name>/<timestamp>
     checkpoint_every: int = field(default=1, metadata=AT_LEAST_ONE)
+    tensorboard: bool = False  # scalars and hyperparameters into <run_dir>/tensorboard/ (needs tensorboard)
 
 
 @dataclass

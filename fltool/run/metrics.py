@@ -18,14 +18,25 @@ from fltool.run.atomic import atomic_write_text
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, rows: list[dict[str, Any]] | None = None) -> None:
+    """A run's metric rows. With `tensorboard`, each flush also writes the rows not yet
+    written to <run_dir>/tensorboard/ (see fltool.run.tensorboard); the files here stay
+    the source of truth."""
+
+    def __init__(self, run_dir: Path, rows: list[dict[str, Any]] | None = None, tensorboard: bool = False) -> None:
         self.run_dir = run_dir
         self.rows: list[dict[str, Any]] = list(rows or [])
+        self.tensorboard = None
+        if tensorboard:
+            from fltool.run.tensorboard import TensorBoardLog
+
+            self.tensorboard = TensorBoardLog(run_dir)
 
     def flush(self) -> None:
         lines = (strict_json(r) + "\n" for r in self.rows)
         atomic_write_text(self.run_dir / "metrics.jsonl", "".join(lines))
         atomic_write_text(self.run_dir / "metrics.csv", to_csv(self.rows))
+        if self.tensorboard is not None:
+            self.tensorboard.write(self.rows)
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:

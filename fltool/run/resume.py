@@ -25,6 +25,7 @@ RESUME_MAY_CHANGE = (
     "ddp.epochs",
     "eval.",
     "output.checkpoint_every",
+    "output.tensorboard",
     "device",
     "data.root",
     "data.cache",

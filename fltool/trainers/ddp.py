@@ -118,7 +118,7 @@ def train_ddp(
     steps = steps_per_epoch(len(dataset.train), global_batch)
     scheduler = make_scheduler(optimizer, dcfg, dcfg.epochs * steps)
 
-    log = MetricsLog(run_dir)
+    log = MetricsLog(run_dir, tensorboard=cfg.output.tensorboard)
     progress = Progress(cfg)
     start = 1
     if resume is not None:

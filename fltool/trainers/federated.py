@@ -209,6 +209,7 @@ def train_round(
     aggregate: Aggregate = aggregator.reduce(comm, [loss_sum, bytes_up], cohort, cfg.federated.num_clients)
     if cfg.secagg.enabled:  # what went up: keys, encrypted shares, masked vectors
         bytes_up = torch.full_like(bytes_up, aggregator.bytes_up)
+        state.secagg_metrics = aggregator.metrics()  # (read once by train_federated's row)
     if new_rows:
         store_client_rows(state.clients, new_rows, comm)
     if compressed_rows:
@@ -295,7 +296,7 @@ def train_federated(
     state = FederatedState(cfg, algorithm, [p.detach() for p in params], device, budget.noise_multiplier if budget else 0.0)
     model_bytes = sum(p.numel() * p.element_size() for p in params)
 
-    log = MetricsLog(run_dir)
+    log = MetricsLog(run_dir, tensorboard=cfg.output.tensorboard)
     progress = Progress(cfg)
     start = 1
     if resume is not None:
@@ -353,6 +354,8 @@ def train_federated(
         row["elapsed_s"] = elapsed0 + time.perf_counter() - t0
         row["bytes_up"] = 0 if bytes_up is None else round(bytes_up.item())
         row["bytes_down"] = len(plan.sampled) * model_bytes
+        if cfg.secagg.enabled:
+            row.update(state.__dict__.pop("secagg_metrics", {}))
         if budget is not None:
             row.update(epsilon=budget.epsilon(r), dp_delta=budget.delta, dp_noise_multiplier=budget.noise_multiplier, dp_sampling=fed.sampling)
             if cfg.dp.adaptive_clipping:
