@@ -93,6 +93,16 @@ def test_training_with_secagg_matches_training_without(tmp_path: Path) -> None:
     assert all((ma[k] - mb[k]).abs().max().item() < 1e-3 for k in ma)
 
 
+def test_metrics_show_the_protocol(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, True, rounds=1)  # 10 clients, 20% drop after sharing keys
+    train_federated(cfg, create_run_dir(cfg))
+    row = read_metrics(tmp_path)[0]
+    assert row["secagg_contributors"] + len(row["secagg_dropped_ids"]) == 10
+    assert row["secagg_bytes_up_per_client"] > 4 * 199_210  # the masked 2NN vector, plus keys and shares
+    assert 0 < row["secagg_bytes_down_per_client"] < 10_000 and row["secagg_server_s"] > 0
+    assert row["bytes_up"] >= row["secagg_contributors"] * row["secagg_bytes_up_per_client"]
+
+
 def test_resume_with_secagg_is_exact(tmp_path: Path) -> None:
     full = _cfg(tmp_path / "full", True)
     train_federated(full, create_run_dir(full))

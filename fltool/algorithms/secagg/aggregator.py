@@ -91,6 +91,23 @@ class SecureMeanAggregator:
         extras = {k.removeprefix("extra."): v for k, v in out.items() if k.startswith("extra.")}
         return Aggregate(delta=out["delta"], extras=extras, clients=clients, num_clients=num_clients)
 
+    def metrics(self) -> dict[str, Any]:
+        """The round's protocol columns for metrics.jsonl: who was unmasked, who dropped
+        after sharing keys, bytes per client that finished, and the time it took."""
+        r = self.last
+        if r is None:
+            return {}
+        done = r.contributors
+        dropped = sorted(set(r.transcript.up) - set(done))
+        return {
+            "secagg_contributors": len(done),
+            "secagg_dropped_ids": dropped,
+            "secagg_bytes_up_per_client": round(sum(r.transcript.up[u] for u in done) / len(done)),
+            "secagg_bytes_down_per_client": round(sum(r.transcript.down[u] for u in done) / len(done)),
+            "secagg_client_s": sum(r.client_seconds.values()),
+            "secagg_server_s": r.server_seconds,
+        }
+
     @property
     def bytes_up(self) -> int:
         """What the cohort sent through the server: keys, encrypted shares, masked vectors, revealed shares."""
