@@ -159,3 +159,12 @@ def test_masks_expand_on_cuda() -> None:
     r = run_round(v, SecAggParams(neighbours=4, threshold=3, chunk=1024), drop={"masked_input": {2}})
     assert r.total.is_cuda
     assert torch.equal(r.total.cpu(), sum(v[u].cpu() for u in r.contributors) % 2**32)
+
+
+def test_central_dp_noises_the_unmasked_sum(tmp_path: Path) -> None:
+    """Clients clip before masking; the server's Gaussian noise goes on after unmasking."""
+    cfg = _cfg(tmp_path, True, rounds=1)
+    cfg.dp = load_config(None, ["dp.mode=central", "dp.noise_multiplier=1.0", "dp.clip_norm=1.0"]).dp
+    train_federated(cfg, create_run_dir(cfg))
+    row = read_metrics(tmp_path)[0]
+    assert row["epsilon"] > 0 and row["secagg_contributors"] > 0
