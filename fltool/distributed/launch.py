@@ -219,6 +219,10 @@ def run_workers(cfg: Config, opts: LaunchOptions, run_dir: Path) -> Path:
     from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousError
     from torch.distributed.run import parse_args, run
 
+    # torchrun's banner (a framed note that it set OMP_NUM_THREADS=1, which docs/distributed.md
+    # says) is noise around fltool's own lines; its other warnings still show.
+    run_log = logging.getLogger("torch.distributed.run")
+    run_log.addFilter(drop_banner)
     # The agent logs each dead worker at ERROR level; `failure_summary` reports it once.
     agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
     level = agent_log.level
@@ -246,8 +250,13 @@ def run_workers(cfg: Config, opts: LaunchOptions, run_dir: Path) -> Path:
         raise WorkerFailed(f"rendezvous at {endpoint} failed: {type(exc).__name__}: {exc}") from None
     finally:
         agent_log.setLevel(level)
+        run_log.removeFilter(drop_banner)
         restore_env(UNSHARED_STORE_ENV, shared_store)
     return run_dir
+
+
+def drop_banner(record: logging.LogRecord) -> bool:
+    return "OMP_NUM_THREADS" not in record.getMessage()
 
 
 def restore_env(name: str, value: str | None) -> None:

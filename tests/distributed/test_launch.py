@@ -324,6 +324,7 @@ def test_dp_under_launch_equals_one_process(tmp_path, noise_source: str):
     raw["federated"] = {**raw["federated"], "engine": "vectorized", "fraction": 0.5, "sampling": "poisson", "rounds": 3}
     done, two = _launch(tmp_path, "two", raw, "--nproc", "2")
     assert done.returncode == 0, done.stderr
+    assert "OMP_NUM_THREADS" not in done.stdout + done.stderr  # torchrun's banner, dropped
     rows = read_metrics(two)
     assert len(rows) == 3 and rows[-1]["epsilon"] > rows[0]["epsilon"] > 0
     if noise_source == "seeded":
