@@ -134,14 +134,17 @@ def test_too_few_shareholders_skip_the_round(tmp_path: Path) -> None:
         train_federated(again, create_run_dir(again))
 
 
-@pytest.mark.parametrize("algorithm", ["scaffold", "fedprox", "fednova"])
+@pytest.mark.parametrize("algorithm", ["scaffold", "fedprox", "fednova", "fedadam"])
 def test_algorithms_whose_aggregate_is_a_sum_run_through_secagg(tmp_path: Path, algorithm: str) -> None:
     """SCAFFOLD's control variates and FedNova's step counts (extras) go through the
     protocol too: the run matches the plain one within the quantisation error."""
     models = []
     for on in (True, False):
         cfg = _cfg(tmp_path / f"{on}", on, rounds=2)
-        cfg.algorithm = load_config(None, [f"algorithm.name={algorithm}"]).algorithm
+        if algorithm == "fedadam":  # FedAvg's clients, Adam on the server
+            cfg.server_optimizer = load_config(None, ["server_optimizer.name=adam"]).server_optimizer
+        else:
+            cfg.algorithm = load_config(None, [f"algorithm.name={algorithm}"]).algorithm
         cfg.secagg.dropout = 0.0
         train_federated(cfg, create_run_dir(cfg))
         models.append(load_checkpoint(last_checkpoint(tmp_path / f"{on}")))
