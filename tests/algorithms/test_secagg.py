@@ -211,3 +211,15 @@ def test_masks_on_the_input_device_and_in_small_chunks() -> None:
     v = _vectors(5, p=1001)
     r = run_round(v, SecAggParams(neighbours=4, threshold=3, chunk=64))
     assert torch.equal(r.total, _plain(v, list(range(5))))
+
+
+def test_bench_script_runs() -> None:
+    """scripts/bench_secagg.py stays runnable (one small setting)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_secagg.py"
+    out = subprocess.run([sys.executable, str(script), "--models", "2nn", "--cohorts", "10", "--dropouts", "0", "0.3", "--no-training"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "secagg+" in out and "complete" in out and "none" in out and "aborted" not in out
