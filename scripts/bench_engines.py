@@ -112,6 +112,7 @@ WORKLOADS = {
     "2nn_1000": Workload("mlp", 1000, 60, (1, 28, 28), 1.0, 1, 10),  # 1,000-client cohort
     "cnn_1000": Workload("cnn", 1000, 10, (1, 28, 28), 1.0, 1, 10),  # 1,000 CNN clients: needs chunking
     "cifar": Workload("cnn_cifar", 1000, 50, (3, 32, 32), 0.05, 1, 10),  # pfl-research CIFAR-10
+    "resnet_gn": Workload("resnet8_gn", 1000, 50, (3, 32, 32), 0.05, 1, 10),  # ResNet-8 + GroupNorm, CIFAR-10 shape
 }
 
 
