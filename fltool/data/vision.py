@@ -8,7 +8,8 @@ checking its MD5s. Only when no archive is found does torchvision try to downloa
 - CIFAR: `<root>/cifar-10-python.tar.gz` (or `cifar-100-python.tar.gz`), the python
   pickle batches as published.
 - EMNIST: `<root>/EMNIST/raw/emnist-<split>-{train,test}-{images-idx3,labels-idx1}-ubyte.gz`,
-  the gzip'd IDX files of the published `gzip.zip`, which torchvision reads from `raw/`.
+  the gzip'd IDX files, or the published `<root>/EMNIST/raw/gzip.zip` holding them;
+  decompressed into the cache's `EMNIST/raw/`, where torchvision's EMNIST reads them.
 
 Images are normalised per channel by the training set's own mean and std, so every
 split is on the scale the model was trained on.
@@ -16,11 +17,13 @@ split is on the scale the model was trained on.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import shutil
 import tarfile
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,7 +65,7 @@ def load_vision(name: str, source: Path | None, cache: Path) -> tuple[torch.Tens
             _extract_cifar(spec, source, cache)
         else:
             _extract_emnist(spec, source, cache)
-    except (OSError, tarfile.TarError, EOFError) as exc:
+    except (OSError, tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
         raise FltoolError(f"data.cache: cannot extract {spec.archive} into {cache}: {getattr(exc, 'strerror', None) or exc}") from None
     cls = getattr(torchvision.datasets, spec.cls_name)
     kwargs = {"split": spec.split} if spec.split else {}
@@ -111,19 +114,28 @@ def _extract_cifar(spec: VisionSet, source: Path | None, cache: Path) -> None:
 
 
 def _extract_emnist(spec: VisionSet, source: Path | None, cache: Path) -> None:
-    """Decompress the split's four IDX files from `<source>/EMNIST/raw/*.gz` into the cache."""
+    """Decompress the split's four IDX files into the cache, from `<source>/EMNIST/raw/*.gz`
+    or else from the published `<source>/EMNIST/raw/gzip.zip` (which holds them in gzip/)."""
     if source is None:
         return
     src, raw = source / "EMNIST" / "raw", cache / "EMNIST" / "raw"
+    bundle = src / "gzip.zip"
     for part in ("train", "test"):
         for kind in ("images-idx3", "labels-idx1"):
             name = f"emnist-{spec.split}-{part}-{kind}-ubyte"
-            if (raw / name).is_file() or not (src / f"{name}.gz").is_file():
+            if (raw / name).is_file():
                 continue
-            raw.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=raw, prefix=f".{name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as out, gzip.open(src / f"{name}.gz", "rb") as gz:
-                shutil.copyfileobj(gz, out)
+            with contextlib.ExitStack() as stack:
+                if (src / f"{name}.gz").is_file():
+                    compressed = stack.enter_context((src / f"{name}.gz").open("rb"))
+                elif bundle.is_file() and f"gzip/{name}.gz" in (zipped := stack.enter_context(zipfile.ZipFile(bundle))).namelist():
+                    compressed = stack.enter_context(zipped.open(f"gzip/{name}.gz"))
+                else:
+                    continue
+                raw.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=raw, prefix=f".{name}.", suffix=".tmp")
+                with os.fdopen(fd, "wb") as out, gzip.open(compressed, "rb") as gz:
+                    shutil.copyfileobj(gz, out)
             os.chmod(tmp, 0o644)
             os.replace(tmp, raw / name)
 

@@ -106,6 +106,21 @@ def test_emnist_loads_from_its_idx_files(name: str, split: str, classes: int, tm
     assert int(ds.train.y.max()) < classes
 
 
+def test_emnist_reads_the_published_zip(tmp_path: Path):
+    """NIST's gzip.zip holds the .gz files under gzip/; it may sit in EMNIST/raw as it is."""
+    import zipfile
+
+    make_emnist(tmp_path / "loose", "balanced", 30, 10, 47)
+    raw = tmp_path / "root" / "EMNIST" / "raw"
+    raw.mkdir(parents=True)
+    with zipfile.ZipFile(raw / "gzip.zip", "w") as bundle:
+        for gz in (tmp_path / "loose" / "EMNIST" / "raw").glob("*.gz"):
+            bundle.write(gz, f"gzip/{gz.name}")
+    ds = load_dataset(DataConfig(dataset="emnist_balanced", root=str(tmp_path / "root"), cache=str(tmp_path / "cache")))
+    loose = load_dataset(DataConfig(dataset="emnist_balanced", root=str(tmp_path / "loose"), cache=str(tmp_path / "c2")))
+    assert ds.train.x.shape == (30, 1, 28, 28) and torch.equal(ds.train.x, loose.train.x) and torch.equal(ds.test.y, loose.test.y)
+
+
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "emnist_byclass", "emnist_balanced"])
 def test_a_missing_archive_says_how_to_get_the_data(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("FLTOOL_DATA", raising=False)
