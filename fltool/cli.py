@@ -15,7 +15,7 @@ from fltool.run.rundir import RunInterrupted
 from fltool.errors import FltoolError
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     no_args_is_help=True,
     help="Federated learning (FedAvg, FedProx, SCAFFOLD, robust aggregation, DP, ...) and DDP training from a YAML experiment file.",
@@ -155,6 +155,68 @@ def eval_(
             typer.echo(strict_json(report))  # a diverged model's NaN loss as null
         else:
             print_eval(report)
+
+
+@app.command()
+def sweep(
+    config: Annotated[str, typer.Argument(help="Experiment YAML file.", show_default=False)],
+    axes: Annotated[
+        Optional[list[str]], typer.Argument(help="Axes: key=a,b,c or key=range(n); the grid is their cross product.")
+    ] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Runs at once, each its own process.")] = 1,
+    sweep_dir: Annotated[
+        Optional[Path],
+        typer.Option("--dir", help="Sweep directory (default <output.dir>/<name>-sweep/<timestamp>); rerun with it to continue."),
+    ] = None,
+) -> None:
+    """Run a grid of CONFIG's runs; rerun with --dir to skip finished runs and resume the rest."""
+    from fltool.run.sweep import format_summary, plan_sweep, run_sweep
+
+    with user_errors():
+        plan = plan_sweep(config, list(axes or []), sweep_dir)
+        typer.echo(f"sweep: {len(plan.points)} runs in {plan.dir}")
+        try:
+            results = run_sweep(plan, jobs, typer.echo)
+        except KeyboardInterrupt:
+            typer.echo(f"interrupted; continue with `fltool sweep {config} {' '.join(axes or [])} --dir {plan.dir}`", err=True)
+            raise typer.Exit(130) from None
+    typer.echo(format_summary(plan, results), nl=False)
+    typer.echo(f"summary: {plan.dir / 'summary.csv'}")
+    if any(r.status != "finished" for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def plot(
+    dirs: Annotated[list[Path], typer.Argument(help="Run or sweep directories.", show_default=False)],
+    metric: Annotated[str, typer.Option("--metric", help="The metrics.jsonl column to draw.")] = "test_accuracy",
+    x: Annotated[str, typer.Option("--x", help="round, elapsed_s or bytes_up (cumulative).")] = "round",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file, .png or .svg.")] = Path("plot.png"),
+) -> None:
+    """Plot runs side by side (seeds of one setting as mean ± std); needs matplotlib."""
+    from fltool.run.plot import plot_runs
+
+    with user_errors():
+        result = plot_runs(dirs, metric, x, out)
+    typer.echo(f"wrote {result.path} ({len(result.curves)} curves)")
+
+
+@app.command()
+def runs(
+    root: Annotated[Path, typer.Argument(help="Directory searched for run directories.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """List the runs under ROOT: progress, best accuracy, target round, wall time, status."""
+    from fltool.run.runs_table import collect, format_table, runs_json
+
+    with user_errors():
+        infos, foreign = collect(root)
+    if as_json:
+        typer.echo(runs_json(infos, foreign))
+        return
+    typer.echo(format_table(infos), nl=False)
+    for path, why in foreign:
+        typer.echo(f"skipped {path}: {why}", err=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,381 @@
+"""`fltool sweep CONFIG.yaml key=a,b,c seed=range(3) [--jobs N] [--dir D]`: a grid of runs.
+
+Each `key=values` argument is an axis, in Hydra's comma syntax: `lr=0.01,0.1`, with
+`range(stop)`, `range(start, stop[, step])` as an item and brackets, braces, parentheses
+and quotes protecting their commas (`data.synthetic.shape=[1,8,8]` is one value). The
+grid is the cross product of the axes, in the order given (the last axis fastest).
+
+The sweep directory (default <output.dir>/<name>-sweep/<timestamp>) holds sweep.yaml
+(the config, the axes, and each run's overrides and directory), one normal run directory
+per grid point (its `output.run_dir`), logs/<run>.log with each run's output, and
+summary.csv. Run again with the same --dir, a sweep skips its finished runs, resumes the
+unfinished ones (`fltool train --resume`) and starts the rest. Each run is its own
+`python -m fltool train` process, --jobs of them at once."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fltool.errors import FltoolError
+
+SWEEP_FILE = "sweep.yaml"
+SUMMARY_FILE = "summary.csv"
+SEED = "seed"
+# where the runs go is the sweep's to decide
+RESERVED = ("output.run_dir", "output.dir", "name")
+
+_RANGE = re.compile(r"^range\(\s*(-?\d+)\s*(?:,\s*(-?\d+)\s*)?(?:,\s*(-?\d+)\s*)?\)$")
+
+
+@dataclass
+class Axis:
+    key: str
+    values: list[str]
+
+
+@dataclass
+class SweepPlan:
+    config: Path
+    axes: list[Axis]
+    points: list[list[str]]  # each run's overrides, key=value
+    names: list[str]  # each run's directory name
+    dir: Path
+
+    def run_dir(self, i: int) -> Path:
+        return self.dir / self.names[i]
+
+
+@dataclass
+class RunResult:
+    name: str
+    overrides: list[str]
+    status: str  # finished, interrupted, failed, not started
+    final_accuracy: float | None = None
+    best_accuracy: float | None = None
+    target_round: int | None = None
+    wall_s: float | None = None
+    note: str = ""
+    values: dict[str, str] = field(default_factory=dict)
+
+
+# ---- the spec ----------------------------------------------------------------------
+
+
+def split_values(text: str) -> list[str]:
+    """`a,b,[1,2],range(3)` -> its items, the commas inside brackets or quotes kept."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item.strip() for item in items]
+
+
+def expand_item(key: str, item: str) -> list[str]:
+    match = _RANGE.match(item)
+    if not match:
+        return [item]
+    numbers = [int(g) for g in match.groups() if g is not None]
+    if len(numbers) == 3 and numbers[2] == 0:
+        raise FltoolError(f"sweep: {key}={item}: a range's step must not be 0")
+    return [str(v) for v in range(*numbers)]
+
+
+def parse_axes(tokens: list[str]) -> list[Axis]:
+    axes: list[Axis] = []
+    for token in tokens:
+        key, eq, text = token.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise FltoolError(f"sweep: {token!r}: expected key=value[,value...]")
+        if key in RESERVED:
+            raise FltoolError(f"sweep: {key}: the sweep sets it for each run (use --dir for where the runs go)")
+        if any(a.key == key for a in axes):
+            raise FltoolError(f"sweep: {key}: given twice")
+        if not text.strip():
+            raise FltoolError(f"sweep: {token}: no values; write {key}=a,b,... or {key}=range(n)")
+        items = split_values(text)
+        if any(item == "" for item in items):
+            raise FltoolError(f"sweep: {token}: an empty value in the list")
+        values = [v for item in items for v in expand_item(key, item)]
+        if not values:
+            raise FltoolError(f"sweep: {token}: an empty list of values")
+        if len(set(values)) != len(values):
+            raise FltoolError(f"sweep: {token}: a value repeats")
+        axes.append(Axis(key, values))
+    return axes
+
+
+def grid(axes: list[Axis]) -> list[list[str]]:
+    """The cross product, as override lists (the last axis varies fastest)."""
+    return [[f"{a.key}={v}" for a, v in zip(axes, combo)] for combo in itertools.product(*(a.values for a in axes))]
+
+
+def run_names(axes: list[Axis], points: list[list[str]]) -> list[str]:
+    """`003-lr=0.1-seed=1`: the index, then the values of the axes that vary."""
+    varying = [i for i, a in enumerate(axes) if len(a.values) > 1]
+    names = []
+    for n, point in enumerate(points):
+        parts = [f"{axes[i].key.rsplit('.', 1)[-1]}={point[i].partition('=')[2]}" for i in varying]
+        slug = re.sub(r"[^A-Za-z0-9._=+-]", "_", "-".join(parts))[:80]
+        names.append(f"{n:03d}" + (f"-{slug}" if slug else ""))
+    return names
+
+
+def plan_sweep(config: str | Path, tokens: list[str], sweep_dir: Path | None = None) -> SweepPlan:
+    """Parse and validate the whole sweep (every grid point's config) before anything
+    runs or is written."""
+    from fltool.config import load_config
+
+    if not tokens:
+        raise FltoolError("sweep: no axes; usage: fltool sweep CONFIG.yaml key=a,b,c [seed=range(3)] ...")
+    axes = parse_axes(tokens)
+    base = load_config(config, [])
+    points = grid(axes)
+    for point in points:
+        load_config(config, point)  # an unknown key or a bad value: its one line, exit 2
+    if sweep_dir is None:
+        sweep_dir = Path(base.output.dir) / f"{base.name}-sweep" / time.strftime("%Y%m%d-%H%M%S")
+    return SweepPlan(Path(config).resolve(), axes, points, run_names(axes, points), Path(sweep_dir))
+
+
+def sweep_record(plan: SweepPlan) -> dict[str, Any]:
+    return {
+        "config": str(plan.config),
+        "axes": {a.key: a.values for a in plan.axes},
+        "runs": [{"dir": name, "overrides": point} for name, point in zip(plan.names, plan.points)],
+    }
+
+
+def prepare_dir(plan: SweepPlan) -> None:
+    """Write sweep.yaml, or check that the one there is this sweep's (a rerun)."""
+    import yaml
+
+    from fltool.run.atomic import atomic_write_text
+
+    record = sweep_record(plan)
+    path = plan.dir / SWEEP_FILE
+    if path.is_file():
+        try:
+            old = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:
+            old = None
+        if old != record:
+            raise FltoolError(f"{plan.dir}: holds another sweep (its {SWEEP_FILE} differs from this one's); give another --dir")
+        return
+    if plan.dir.exists() and any(plan.dir.iterdir()):
+        raise FltoolError(f"{plan.dir}: exists and is not a sweep directory (no {SWEEP_FILE}); give another --dir")
+    try:
+        (plan.dir / "logs").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FltoolError(f"{plan.dir}: cannot create the sweep directory: {exc.strerror or exc}") from None
+    atomic_write_text(path, yaml.safe_dump(record, sort_keys=False))
+
+
+# ---- running -----------------------------------------------------------------------
+
+
+def run_command(plan: SweepPlan, i: int) -> list[str] | None:
+    """The command that brings run i to its end; None when it is finished already."""
+    from fltool.run.runs_table import run_info
+
+    run_dir = plan.run_dir(i)
+    train = [sys.executable, "-m", "fltool", "train"]
+    if (run_dir / "config.yaml").is_file():
+        if run_info(run_dir).status == "finished":
+            return None
+        return [*train, "--resume", str(run_dir)]
+    return [*train, str(plan.config), *plan.points[i], f"output.run_dir={run_dir}"]
+
+
+def child_env(jobs: int) -> dict[str, str]:
+    env = dict(os.environ)
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:  # N processes share the cores
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
+
+
+def spawn_process(cmd: list[str], log: Any, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+
+
+def run_sweep(
+    plan: SweepPlan, jobs: int = 1, echo: Callable[[str], None] = print, spawn: Callable[..., Any] = spawn_process
+) -> list[RunResult]:
+    """Run every unfinished grid point, `jobs` processes at once; returns each point's
+    result (read back from its run directory) in grid order. `spawn(cmd, log, env)`
+    starts one (a Popen-like object: poll, send_signal, wait, kill)."""
+    if jobs < 1:
+        raise FltoolError(f"sweep: --jobs must be at least 1, got {jobs}")
+    prepare_dir(plan)
+    (plan.dir / "logs").mkdir(exist_ok=True)
+    n = len(plan.points)
+    pending = list(range(n))
+    running: dict[int, tuple[subprocess.Popen, Any]] = {}
+    exit_codes: dict[int, int] = {}
+    env = child_env(jobs)
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                i = pending.pop(0)
+                cmd = run_command(plan, i)
+                label = f"[{i + 1}/{n}] {plan.names[i]}"
+                if cmd is None:
+                    echo(f"{label}: finished already, skipped")
+                    continue
+                log = open(plan.dir / "logs" / f"{plan.names[i]}.log", "a")
+                echo(f"{label}: {'resuming' if '--resume' in cmd else 'starting'}")
+                running[i] = (spawn(cmd, log, env), log)
+            for i, (proc, log) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                log.close()
+                del running[i]
+                exit_codes[i] = code
+                result = read_result(plan, i)
+                how = result.status if code == 0 else f"failed (exit {code}; see {plan.dir / 'logs' / (plan.names[i] + '.log')})"
+                echo(f"[{i + 1}/{n}] {plan.names[i]}: {how}{describe(result)}")
+            if running:
+                time.sleep(0.1)
+    except KeyboardInterrupt:
+        for proc, log in running.values():
+            proc.send_signal(2)  # SIGINT: each run stops at a round boundary, its checkpoint intact
+        for proc, log in running.values():
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+        write_summary(plan, [read_result(plan, i) for i in range(n)])
+        raise
+    results = [read_result(plan, i, exit_codes.get(i)) for i in range(n)]
+    write_summary(plan, results)
+    return results
+
+
+def describe(result: RunResult) -> str:
+    parts = []
+    if result.final_accuracy is not None:
+        parts.append(f"final {result.final_accuracy:.4f}")
+    if result.best_accuracy is not None:
+        parts.append(f"best {result.best_accuracy:.4f}")
+    if result.target_round is not None:
+        parts.append(f"target at round {result.target_round}")
+    if result.wall_s is not None:
+        parts.append(f"{result.wall_s:.1f} s")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def read_result(plan: SweepPlan, i: int, exit_code: int | None = None) -> RunResult:
+    from fltool.run.runs_table import run_info
+
+    run_dir = plan.run_dir(i)
+    values = {a.key: p.partition("=")[2] for a, p in zip(plan.axes, plan.points[i])}
+    if not (run_dir / "config.yaml").is_file():
+        status = "failed" if exit_code else "not started"
+        return RunResult(plan.names[i], plan.points[i], status, values=values)
+    info = run_info(run_dir)  # (a run whose process failed is interrupted or failed by what it left)
+    return RunResult(
+        plan.names[i], plan.points[i], info.status, info.final_accuracy, info.best_accuracy, info.target_round, info.wall_s, values=values
+    )
+
+
+# ---- the summary -------------------------------------------------------------------
+
+
+def summary_csv(plan: SweepPlan, results: list[RunResult]) -> str:
+    keys = [a.key for a in plan.axes]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["run", *keys, "status", "final_accuracy", "best_accuracy", "target_round", "wall_s", "run_dir"])
+    for r in results:
+        writer.writerow(
+            [r.name, *(r.values[k] for k in keys), r.status, _cell(r.final_accuracy), _cell(r.best_accuracy), _cell(r.target_round), _cell(r.wall_s), str(plan.dir / r.name)]
+        )
+    return buf.getvalue()
+
+
+def _cell(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def write_summary(plan: SweepPlan, results: list[RunResult]) -> None:
+    from fltool.run.atomic import atomic_write_text
+
+    atomic_write_text(plan.dir / SUMMARY_FILE, summary_csv(plan, results))
+
+
+def mean_std(values: list[float]) -> tuple[float, float] | None:
+    """Mean and sample standard deviation (n - 1; 0 for one value); None for none."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+@dataclass
+class Group:
+    setting: dict[str, str]  # every axis but the seed
+    results: list[RunResult]
+
+    def stat(self, attr: str) -> tuple[float, float] | None:
+        return mean_std([getattr(r, attr) for r in self.results if getattr(r, attr) is not None])
+
+
+def group_by_setting(plan: SweepPlan, results: list[RunResult]) -> list[Group]:
+    keys = [a.key for a in plan.axes if a.key != SEED]
+    groups: dict[tuple[str, ...], Group] = {}
+    for r in results:
+        setting = tuple(r.values[k] for k in keys)
+        groups.setdefault(setting, Group(dict(zip(keys, setting)), [])).results.append(r)
+    return list(groups.values())
+
+
+def _pm(stat: tuple[float, float] | None, digits: int = 4) -> str:
+    return "-" if stat is None else f"{stat[0]:.{digits}f} ± {stat[1]:.{digits}f}"
+
+
+def format_summary(plan: SweepPlan, results: list[RunResult]) -> str:
+    """One row per setting: mean ± std over its seeds (sample std)."""
+    from fltool.run.runs_table import render
+
+    groups = group_by_setting(plan, results)
+    keys = [a.key for a in plan.axes if a.key != SEED and len(a.values) > 1]
+    header = [*keys, "runs", "final acc", "best acc", "target round", "wall s"]
+    body = []
+    for g in groups:
+        done = [r for r in g.results if r.status == "finished"]
+        reached = [r for r in g.results if r.target_round is not None]
+        target = _pm(g.stat("target_round"), 1)
+        if reached and len(reached) < len(g.results):
+            target += f" ({len(reached)}/{len(g.results)})"
+        body.append(
+            [*(g.setting[k] for k in keys), f"{len(done)}/{len(g.results)}", _pm(g.stat("final_accuracy")), _pm(g.stat("best_accuracy")), target, _pm(g.stat("wall_s"), 1)]
+        )
+    seeds = next((len(a.values) for a in plan.axes if a.key == SEED), 1)
+    note = f"mean ± std over {seeds} seeds per row\n" if seeds > 1 else ""
+    return render(header, body) + note

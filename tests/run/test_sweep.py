@@ -1,0 +1,163 @@
+"""fltool sweep: the grid from Hydra's comma syntax, the summary's mean ± std, a rerun
+that skips finished runs and resumes the rest, and bad specs refused before anything
+runs. Runs go through the real `fltool train` command lines, in-process (a subprocess
+per run costs seconds of imports)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fltool.cli import app
+from fltool.config import dump_config
+from fltool.errors import FltoolError
+from fltool.run import sweep as sw
+from fltool.run.runs_table import read_rows, run_info
+
+
+def test_values_split_at_top_level_commas_and_ranges_expand():
+    assert sw.split_values("a,[1,2],'x,y',range(3)") == ["a", "[1,2]", "'x,y'", "range(3)"]
+    axes = sw.parse_axes(["seed=range(3)", "lr=0.1,0.2", "shape=[1,8,8]", "k=range(1, 7, 2),9"])
+    assert [(a.key, a.values) for a in axes] == [
+        ("seed", ["0", "1", "2"]),
+        ("lr", ["0.1", "0.2"]),
+        ("shape", ["[1,8,8]"]),
+        ("k", ["1", "3", "5", "9"]),
+    ]
+
+
+def test_the_grid_is_the_cross_product_last_axis_fastest():
+    axes = sw.parse_axes(["federated.lr=0.1,0.2", "seed=0,1,2"])
+    points = sw.grid(axes)
+    assert points == [[f"federated.lr={lr}", f"seed={s}"] for lr in ("0.1", "0.2") for s in "012"]
+    names = sw.run_names(axes, points)
+    assert names[0] == "000-lr=0.1-seed=0" and names[5] == "005-lr=0.2-seed=2" and len(set(names)) == 6
+
+
+def test_mean_and_sample_std():
+    mean, std = sw.mean_std([0.5, 0.7, 0.9])
+    assert mean == pytest.approx(0.7) and std == pytest.approx(0.2)  # sample std (n - 1)
+    assert sw.mean_std([0.3]) == (0.3, 0.0)
+    assert sw.mean_std([]) is None and sw.mean_std([float("nan"), 1.0]) == (1.0, 0.0)
+    values = [0.61, 0.64, 0.70, 0.52]
+    assert sw.mean_std(values)[1] == pytest.approx(math.sqrt(sum((v - statistics.fmean(values)) ** 2 for v in values) / 3))
+
+
+def test_the_summary_groups_by_all_but_the_seed(tmp_path):
+    axes = sw.parse_axes(["federated.lr=0.1,0.2", "seed=0,1"])
+    points = sw.grid(axes)
+    plan = sw.SweepPlan(tmp_path / "c.yaml", axes, points, sw.run_names(axes, points), tmp_path)
+    finals = [0.5, 0.7, 0.8, 0.8]
+    results = [
+        sw.RunResult(n, p, "finished", f, f, 3 if f > 0.6 else None, 2.0, values=dict(x.split("=") for x in p))
+        for n, p, f in zip(plan.names, points, finals)
+    ]
+    groups = sw.group_by_setting(plan, results)
+    assert [g.setting for g in groups] == [{"federated.lr": "0.1"}, {"federated.lr": "0.2"}]
+    assert groups[0].stat("final_accuracy") == pytest.approx((0.6, statistics.stdev([0.5, 0.7])))
+    assert groups[1].stat("final_accuracy") == (0.8, 0.0)
+    text = sw.format_summary(plan, results)
+    assert "0.6000 ± 0.1414" in text and "0.8000 ± 0.0000" in text and "3.0 ± 0.0 (1/2)" in text
+    rows = list(csv.DictReader(io.StringIO(sw.summary_csv(plan, results))))
+    assert [r["federated.lr"] for r in rows] == ["0.1", "0.1", "0.2", "0.2"] and rows[2]["final_accuracy"] == "0.8"
+
+
+class InProcess:
+    """A Popen stand-in that runs the command's `fltool ...` part through the CLI, now."""
+
+    def __init__(self, cmd: list[str], log, env) -> None:
+        assert cmd[1:3] == ["-m", "fltool"]
+        result = CliRunner().invoke(app, cmd[3:])
+        log.write(result.output)
+        self.code = result.exit_code
+
+    def poll(self) -> int:
+        return self.code
+
+
+@pytest.fixture
+def config(tmp_path: Path, make_config) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(dump_config(make_config(federated={"rounds": 3, "local_epochs": 1})))
+    return path
+
+
+def test_a_rerun_skips_finished_runs_and_resumes_the_others(tmp_path, monkeypatch, config):
+    import fltool.trainers.federated as fed
+
+    tokens = ["federated.lr=0.05,0.1", "seed=range(2)"]
+    plan = sw.plan_sweep(config, tokens, tmp_path / "sweep")
+    real_save = fed.save_checkpoint
+    calls = []
+
+    def interrupt_second_run(cmd, log, env):  # Ctrl-C after run 001's round-2 checkpoint
+        calls.append(cmd)
+
+        def save(state, path):
+            real_save(state, path)
+            if state.round == 2:
+                raise KeyboardInterrupt
+
+        with monkeypatch.context() as m:
+            if len(calls) == 2:
+                m.setattr(fed, "save_checkpoint", save)
+            return InProcess(cmd, log, env)
+
+    lines: list[str] = []
+    results = sw.run_sweep(plan, 1, lines.append, spawn=interrupt_second_run)
+    assert [r.status for r in results] == ["finished", "interrupted", "finished", "finished"]
+    assert "--resume" not in calls[1] and f"output.run_dir={plan.run_dir(1)}" in calls[1]
+    assert [r["round"] for r in read_rows(plan.run_dir(1))] == [1]  # (round 2 is in its checkpoint)
+    # and run 002 killed before its first checkpoint: its directory and config.yaml only
+    killed = plan.run_dir(2)
+    for extra in ("metrics.jsonl", "metrics.csv", "checkpoints/last.pt", "checkpoints/best.pt"):
+        (killed / extra).unlink()
+    assert run_info(killed).status == "failed"
+    summary = list(csv.DictReader(io.StringIO((plan.dir / "summary.csv").read_text())))
+    assert [r["status"] for r in summary] == ["finished", "interrupted", "finished", "finished"]
+
+    again = sw.plan_sweep(config, tokens, tmp_path / "sweep")
+    calls.clear()
+    lines.clear()
+    results = sw.run_sweep(again, 1, lines.append, spawn=lambda cmd, log, env: calls.append(cmd) or InProcess(cmd, log, env))
+    assert [r.status for r in results] == ["finished"] * 4
+    assert [c[c.index("--resume") + 1] for c in calls] == [str(plan.run_dir(1)), str(plan.run_dir(2))]
+    assert sum("finished already, skipped" in line for line in lines) == 2
+    for i in range(4):
+        assert [r["round"] for r in read_rows(plan.run_dir(i))] == [1, 2, 3]
+    summary = list(csv.DictReader(io.StringIO((plan.dir / "summary.csv").read_text())))
+    assert summary[1]["final_accuracy"] == str(results[1].final_accuracy) != ""
+    assert set(summary[0]) >= {"run", "federated.lr", "seed", "final_accuracy", "best_accuracy", "target_round", "wall_s"}
+
+
+def test_another_sweep_in_the_same_dir_is_refused(tmp_path, config):
+    sw.prepare_dir(sw.plan_sweep(config, ["seed=0,1"], tmp_path / "sweep"))
+    with pytest.raises(FltoolError, match="holds another sweep"):
+        sw.prepare_dir(sw.plan_sweep(config, ["seed=0,1,2"], tmp_path / "sweep"))
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (["seed="], "sweep: seed=: no values"),
+        (["federated.lrr=0.1,0.2"], "federated.lrr: unknown key"),
+        (["seed=range(0)"], "an empty list"),
+        (["seed=0,,1"], "an empty value"),
+        (["seed=[]"], "seed: expected an integer"),
+        (["seed"], "expected key=value"),
+        ([], "no axes"),
+        (["output.run_dir=x,y"], "the sweep sets it"),
+    ],
+)
+def test_a_bad_spec_is_one_line_and_exit_2_before_anything_runs(tmp_path, spec, message, config):
+    result = CliRunner().invoke(app, ["sweep", str(config), *spec, "--dir", str(tmp_path / "sweep")])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "runs").exists()
