@@ -161,11 +161,11 @@ def plot_runs(paths: list[Path], metric: str = "test_accuracy", x: str = "round"
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    legend = ax.legend(fontsize="small")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         fig.savefig(out, format=out.suffix.lower()[1:])
     except OSError as exc:
         raise FltoolError(f"plot: cannot write {out}: {exc.strerror or exc}") from None
-    return PlotResult(out, [c.label for c in drawn], differing, drawn)
+    return PlotResult(out, [t.get_text() for t in legend.get_texts()], differing, drawn)
