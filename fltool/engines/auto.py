@@ -12,6 +12,7 @@ choice and its reason are printed to stderr (stdout stays free for `train --json
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +25,7 @@ from fltool.models.setup import has_running_stats
 PROBE_CLIENTS = 2
 
 
-def choose_engine(model: nn.Module, build_vectorized) -> tuple[VectorizedEngine | None, str]:
+def choose_engine(model: nn.Module, build_vectorized: Callable[[], VectorizedEngine]) -> tuple[VectorizedEngine | None, str]:
     """(the vectorized engine, or None for sequential; why), by the probe."""
     if has_running_stats(model):
         return None, "the model keeps BatchNorm running statistics, which one stacked forward cannot update per client"
