@@ -39,6 +39,13 @@ def root(
     """Federated learning (FedAvg, FedSGD, FedProx, SCAFFOLD, ...) and DDP training from a YAML experiment file."""
 
 
+def complete_keys(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Tab after the YAML file: its config keys (fltool.completion; no torch)."""
+    from fltool.completion import complete_keys as keys
+
+    return keys(incomplete, ctx.params.get("config"))
+
+
 @contextmanager
 def user_errors(resume_with: str = "fltool train") -> Iterator[None]:
     """FltoolError -> its lines on stderr and exit 2; Ctrl-C -> how to continue, exit 130.
@@ -71,7 +78,9 @@ def interrupt_message(exc: KeyboardInterrupt, resume_with: str) -> str:
 @app.command()
 def train(
     config: Annotated[Optional[str], typer.Argument(help="Experiment YAML file.", show_default=False)] = None,
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides: key=value ...")] = None,
+    overrides: Annotated[
+        Optional[list[str]], typer.Argument(help="Dotted overrides: key=value ...", autocompletion=complete_keys)
+    ] = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")] = False,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory.")] = None,
     json_summary: Annotated[
@@ -102,7 +111,9 @@ def train(
 @app.command()
 def launch(
     config: Annotated[Optional[str], typer.Argument(help="Experiment YAML file.", show_default=False)] = None,
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides: key=value ...")] = None,
+    overrides: Annotated[
+        Optional[list[str]], typer.Argument(help="Dotted overrides: key=value ...", autocompletion=complete_keys)
+    ] = None,
     nproc: Annotated[int, typer.Option("--nproc", help="Worker processes on this node (one per GPU with nccl).")] = 1,
     nnodes: Annotated[int, typer.Option("--nnodes", help="Number of nodes.")] = 1,
     node_rank: Annotated[int, typer.Option("--node-rank", help="This node's rank (multi-node).")] = 0,
@@ -161,7 +172,8 @@ def eval_(
 def sweep(
     config: Annotated[str, typer.Argument(help="Experiment YAML file.", show_default=False)],
     axes: Annotated[
-        Optional[list[str]], typer.Argument(help="Axes: key=a,b,c or key=range(n); the grid is their cross product.")
+        Optional[list[str]],
+        typer.Argument(help="Axes: key=a,b,c or key=range(n); the grid is their cross product.", autocompletion=complete_keys),
     ] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Runs at once, each its own process.")] = 1,
     sweep_dir: Annotated[
