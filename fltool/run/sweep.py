@@ -219,7 +219,8 @@ def child_env(jobs: int) -> dict[str, str]:
 
 
 def spawn_process(cmd: list[str], log: Any, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    # its own session: a Ctrl-C reaches the sweep alone, which passes one SIGINT on to each run
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
 
 
 def run_sweep(

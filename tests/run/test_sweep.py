@@ -161,3 +161,32 @@ def test_a_bad_spec_is_one_line_and_exit_2_before_anything_runs(tmp_path, spec, 
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not (tmp_path / "sweep").exists() and not (tmp_path / "runs").exists()
+
+
+def test_jobs_runs_that_many_processes_at_once(tmp_path, config, monkeypatch):
+    plan = sw.plan_sweep(config, ["seed=range(5)"], tmp_path / "sweep")
+    live: list[object] = []
+    peak = []
+
+    class Slow:  # running for three polls, then exit 0
+        def __init__(self, cmd, log, env):
+            self.polls = 0
+            live.append(self)
+            peak.append(len(live))
+            assert env["OMP_NUM_THREADS"] == "1"
+
+        def poll(self):
+            self.polls += 1
+            if self.polls < 3:
+                return None
+            live.remove(self)
+            return 0
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(sw.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(sw.time, "sleep", lambda s: None)
+    results = sw.run_sweep(plan, 2, lambda line: None, spawn=Slow)
+    assert len(peak) == 5 and max(peak) == 2
+    assert [r.status for r in results] == ["not started"] * 5  # (the stand-in wrote no run)
+    with pytest.raises(FltoolError, match="--jobs must be at least 1"):
+        sw.run_sweep(plan, 0, lambda line: None, spawn=Slow)
