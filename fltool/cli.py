@@ -190,7 +190,10 @@ def sweep(
         try:
             results = run_sweep(plan, jobs, typer.echo)
         except KeyboardInterrupt:
-            typer.echo(f"interrupted; continue with `fltool sweep {config} {' '.join(axes or [])} --dir {plan.dir}`", err=True)
+            import shlex
+
+            again = shlex.join(["fltool", "sweep", config, *(axes or []), "--dir", str(plan.dir)])
+            typer.echo(f"interrupted; continue with `{again}`", err=True)
             raise typer.Exit(130) from None
     typer.echo(format_summary(plan, results), nl=False)
     typer.echo(f"summary: {plan.dir / 'summary.csv'}")
