@@ -22,18 +22,18 @@ def read_events(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def read_csv_columns(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+def read_csv_columns(run_dir: Path, step: str = "round") -> dict[str, list[tuple[int, float]]]:
     rows = list(csv.DictReader(io.StringIO((run_dir / "metrics.csv").read_text())))
     out: dict[str, list[tuple[int, float]]] = {}
     for row in rows:
         for key, cell in row.items():
-            if key == "round" or cell in ("", None) or " " in cell:
+            if key == step or cell in ("", None) or " " in cell:
                 continue
             try:
                 value = float(cell)
             except ValueError:
                 continue
-            out.setdefault(key, []).append((int(row["round"]), value))
+            out.setdefault(key, []).append((int(row[step]), value))
     return out
 
 
@@ -66,6 +66,14 @@ def test_a_resumed_run_rewrites_no_step_twice(make_config):
     events = read_events(run_dir)
     assert [s for s, _ in events["test_accuracy"]] == [1, 2, 3, 4]
     assert_same(events, read_csv_columns(run_dir))
+
+
+def test_ddp_runs_write_events_per_epoch(make_config):
+    cfg = make_config(mode="ddp", ddp={"epochs": 2, "batch_size": 32}, output={"tensorboard": True})
+    run_dir = start_run(cfg, PlainReporter()).run_dir
+    events = read_events(run_dir)
+    assert [s for s, _ in events["test_accuracy"]] == [1, 2]
+    assert_same(events, read_csv_columns(run_dir, "epoch"))
 
 
 def test_off_by_default_writes_nothing(make_config):
