@@ -14,7 +14,7 @@ from fltool.run.plot import plot_runs
 
 from .run_dirs import fake_run
 
-image = pytest.importorskip("matplotlib.image")
+from matplotlib import image  # the plot extra: CI installs it
 
 
 @pytest.fixture
