@@ -92,3 +92,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def train_maybe_interrupted(cfg: Config, interrupt_after: int | None = None):
+    """`train_federated` on a fresh run directory of `cfg`: straight through, or stopped
+    like Ctrl-C after round `interrupt_after` was logged and then resumed from its
+    checkpoint. Returns (last checkpoint, metric rows, summary of the last call)."""
+    from fltool.run.checkpoint import load_checkpoint
+    from fltool.run.metrics import read_metrics
+    from fltool.run.rundir import create_run_dir, last_checkpoint
+    from fltool.trainers.federated import train_federated
+
+    run_dir = create_run_dir(cfg)
+
+    def interrupt(row: dict) -> None:
+        if row["round"] == interrupt_after:
+            raise KeyboardInterrupt
+
+    if interrupt_after:
+        with pytest.raises(KeyboardInterrupt):
+            train_federated(cfg, run_dir, on_round=interrupt)
+        summary = train_federated(cfg, run_dir, resume=load_checkpoint(last_checkpoint(run_dir)))
+    else:
+        summary = train_federated(cfg, run_dir)
+    return load_checkpoint(last_checkpoint(run_dir)), read_metrics(run_dir), summary

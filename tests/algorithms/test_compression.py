@@ -27,6 +27,7 @@ from fltool.run.checkpoint import load_checkpoint
 from fltool.run.metrics import read_metrics
 from fltool.run.rundir import create_run_dir, last_checkpoint
 from fltool.trainers.federated import train_federated
+from tests.conftest import train_maybe_interrupted
 
 SEED = 7
 
@@ -223,20 +224,8 @@ def run_config(root: Path, engine: str, compression: dict[str, Any]):
 
 
 def whole_run(root: Path, engine: str, name: str, interrupt_after: int | None = None):
-    cfg = run_config(root, engine, COMPRESSION[name])
-    run_dir = create_run_dir(cfg)
-
-    def interrupt(row: dict) -> None:
-        if row["round"] == interrupt_after:
-            raise KeyboardInterrupt
-
-    if interrupt_after:
-        with pytest.raises(KeyboardInterrupt):
-            train_federated(cfg, run_dir, on_round=interrupt)
-        train_federated(cfg, run_dir, resume=load_checkpoint(last_checkpoint(run_dir)))
-    else:
-        train_federated(cfg, run_dir)
-    return load_checkpoint(last_checkpoint(run_dir)), read_metrics(run_dir)
+    ckpt, rows, _ = train_maybe_interrupted(run_config(root, engine, COMPRESSION[name]), interrupt_after)
+    return ckpt, rows
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -18,6 +18,7 @@ from fltool.run.rundir import create_run_dir, last_checkpoint
 from fltool.trainers.availability import plan_round
 from fltool.trainers.federated import train_federated
 from fltool.trainers.privacy_budget import budget_for
+from tests.conftest import train_maybe_interrupted
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,20 +61,7 @@ SETTINGS = {
 
 
 def run(root: Path, engine: str, name: str, interrupt_after: int | None = None):
-    cfg = make_config(root, engine, **SETTINGS[name])
-    run_dir = create_run_dir(cfg)
-
-    def interrupt(row: dict) -> None:
-        if row["round"] == interrupt_after:
-            raise KeyboardInterrupt
-
-    if interrupt_after:
-        with pytest.raises(KeyboardInterrupt):
-            train_federated(cfg, run_dir, on_round=interrupt)
-        summary = train_federated(cfg, run_dir, resume=load_checkpoint(last_checkpoint(run_dir)))
-    else:
-        summary = train_federated(cfg, run_dir)
-    return load_checkpoint(last_checkpoint(run_dir)), read_metrics(run_dir), summary
+    return train_maybe_interrupted(make_config(root, engine, **SETTINGS[name]), interrupt_after)
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))

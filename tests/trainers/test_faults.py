@@ -24,6 +24,7 @@ from fltool.run.metrics import read_metrics
 from fltool.run.rundir import create_run_dir, last_checkpoint
 from fltool.trainers.availability import MAX_ATTEMPTS, malicious_for_run, plan_round
 from fltool.trainers.federated import train_federated
+from tests.conftest import train_maybe_interrupted
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -123,20 +124,8 @@ FAULTS: dict[str, dict[str, Any]] = {
 
 
 def run(root: Path, engine: str, name: str, interrupt_after: int | None = None, device: str = "cpu"):
-    cfg = make_config(root, engine, device, **FAULTS[name])
-    run_dir = create_run_dir(cfg)
-
-    def interrupt(row: dict) -> None:
-        if row["round"] == interrupt_after:
-            raise KeyboardInterrupt
-
-    if interrupt_after:
-        with pytest.raises(KeyboardInterrupt):
-            train_federated(cfg, run_dir, on_round=interrupt)
-        train_federated(cfg, run_dir, resume=load_checkpoint(last_checkpoint(run_dir)))
-    else:
-        train_federated(cfg, run_dir)
-    return load_checkpoint(last_checkpoint(run_dir)), read_metrics(run_dir)
+    ckpt, rows, _ = train_maybe_interrupted(make_config(root, engine, device, **FAULTS[name]), interrupt_after)
+    return ckpt, rows
 
 
 @pytest.mark.parametrize("name", list(FAULTS))
