@@ -4,6 +4,7 @@ after the YAML file, from the schema and the file, without importing torch."""
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -33,5 +34,8 @@ def test_the_shell_asks_and_gets_keys_without_torch(tmp_path):
 
 
 def test_show_completion_prints_a_script():
-    done = subprocess.run([sys.executable, "-m", "fltool", "--show-completion", "bash"], capture_output=True, text=True, timeout=60)
+    # Typer's --show-completion takes no value: it detects the shell from the parent
+    # process, so the command runs under bash whatever started pytest
+    command = f"{shlex.quote(sys.executable)} -m fltool --show-completion"
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "_fltool_completion" in done.stdout

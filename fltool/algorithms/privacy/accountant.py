@@ -14,7 +14,7 @@ Imported only when a run uses DP, so the CLI starts without scipy.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 import dp_accounting
@@ -84,13 +84,23 @@ def epsilon(mech: Mechanism, z: float, rounds: int, delta: float) -> float:
 
 def calibrate(mech: Mechanism, target_epsilon: float, rounds: int, delta: float) -> float:
     """The smallest noise multiplier whose epsilon after `rounds` rounds is at most
-    `target_epsilon` (to a relative 1e-4 in z)."""
+    `target_epsilon`: to a relative 1e-4 in z with RDP; with PLD (seconds per epsilon)
+    to 1e-3, searched below the RDP answer, which bounds it (RDP's epsilon is the looser)."""
+    if mech.accountant == "pld":
+        rdp = calibrate(replace(mech, accountant="rdp"), target_epsilon, rounds, delta)
+        if epsilon(mech, rdp, rounds, delta) <= target_epsilon:
+            return _bisect(mech, target_epsilon, rounds, delta, rdp / 2, rdp, 1e-3)
     lo, hi = 0.0, 1.0
     while epsilon(mech, hi, rounds, delta) > target_epsilon:
         lo, hi = hi, hi * 2
         if hi > 1e6:
             raise ValueError(f"no noise multiplier up to 1e6 reaches epsilon {target_epsilon}")
-    while hi - lo > 1e-4 * hi:  # epsilon falls as z grows: keep epsilon(hi) <= target
+    return _bisect(mech, target_epsilon, rounds, delta, lo, hi, 1e-4 if mech.accountant == "rdp" else 1e-3)
+
+
+def _bisect(mech: Mechanism, target_epsilon: float, rounds: int, delta: float, lo: float, hi: float, tol: float) -> float:
+    """Shrink [lo, hi] (epsilon(hi) <= target) to a relative `tol`; epsilon falls as z grows."""
+    while hi - lo > tol * hi:
         mid = (lo + hi) / 2
         if epsilon(mech, mid, rounds, delta) > target_epsilon:
             lo = mid
