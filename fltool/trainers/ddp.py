@@ -128,6 +128,10 @@ def train_ddp(
         resume_schedule(scheduler, resume.extra["scheduler"], schedule_rule(dcfg, dcfg.epochs * steps))
         progress.best = resume.best_accuracy
         log.rows = list(resume.metrics)
+        if comm.is_main:
+            # the checkpoint's rows are the truth: a kill between writing it and the
+            # metrics files leaves those a round behind, even when nothing is left to train
+            log.flush()
         start = progress.first(resume.round, log.rows)
 
     model = wrap_model(raw, device, dcfg.compile)

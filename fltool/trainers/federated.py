@@ -305,6 +305,10 @@ def train_federated(
         state.load_state_dict(resume.extra.get("algorithm"), str(last_checkpoint(run_dir)))
         progress.best = resume.best_accuracy
         log.rows = list(resume.metrics)
+        if comm.is_main:
+            # the checkpoint's rows are the truth: a kill between writing it and the
+            # metrics files leaves those a round behind, even when nothing is left to train
+            log.flush()
         start = progress.first(resume.round, log.rows)
     elapsed0 = log.rows[-1]["elapsed_s"] if log.rows else 0.0
     t0 = time.perf_counter()

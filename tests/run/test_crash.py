@@ -74,3 +74,23 @@ def test_sigkill_anywhere_then_one_command_finishes_the_same_run(make_config, tm
         assert all(torch.equal(got[k], expected[k]) for k in expected), i
     # the kills landed everywhere: before the directory, before the first checkpoint, mid-run
     assert stages["no directory"] and stages["no checkpoint"] and stages["mid-run"] >= 3, stages
+
+
+def test_a_kill_after_the_last_checkpoint_before_its_metrics_is_repaired_by_resume(
+    make_config, interrupt_checkpoint_write, monkeypatch, tmp_path: Path
+):
+    """The last round's checkpoint is written, the metrics files are not: `--resume` has
+    nothing left to train, and still writes the rows the checkpoint carries."""
+    from fltool.trainers import federated
+
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(dump_config(make_config(federated={"rounds": 3})))
+    run_dir = tmp_path / "run"
+    interrupt_checkpoint_write(federated, 3, "after")
+    stopped = CliRunner().invoke(app, ["train", str(cfg_path), f"output.run_dir={run_dir}"])
+    assert stopped.exit_code == 130
+    assert [r["round"] for r in read_metrics(run_dir)] == [1, 2]  # a round behind its checkpoint
+    monkeypatch.undo()
+    done = CliRunner().invoke(app, ["train", "--resume", str(run_dir)])
+    assert done.exit_code == 0 and "nothing left to train" in done.stdout
+    assert [r["round"] for r in read_metrics(run_dir)] == [1, 2, 3]
