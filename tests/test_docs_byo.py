@@ -1,4 +1,4 @@
-"""README's "Bring your own model and data" runs as printed: its mine.py and byo.yaml,
+"""docs/byo.md runs as printed: its mine.py and byo.yaml,
 written out as a user would, train through the `fltool` console script with
 PYTHONPATH=., on a natural partition whose client count comes from the data."""
 
@@ -16,18 +16,30 @@ import yaml
 from fltool.run.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-HEADING = "## Bring your own model and data"
+HEADING = "## Bring your own model and data"  # README's short version points to docs/byo.md
 FLTOOL = Path(sys.executable).with_name("fltool")
 
 
-def section() -> str:
+def readme_section() -> str:
     text = (REPO / "README.md").read_text()
     assert text.count(HEADING + "\n") == 1, f"README.md needs exactly one '{HEADING}' section"
     return re.split(r"^## ", text.split(HEADING + "\n", 1)[1], maxsplit=1, flags=re.M)[0]
 
 
-def blocks(lang: str) -> list[str]:
-    return re.findall(rf"^```{lang}\n(.*?)^```$", section(), flags=re.M | re.S)
+def blocks(lang: str, text: str | None = None) -> list[str]:
+    text = (REPO / "docs" / "byo.md").read_text() if text is None else text
+    return re.findall(rf"^```{lang}\n(.*?)^```$", text, flags=re.M | re.S)
+
+
+def test_the_readme_sketch_is_the_docs_example():
+    """Every key the README's short YAML shows has the value the tested example uses."""
+    (sketch,) = blocks("yaml", readme_section())
+    (config,) = blocks("yaml")
+    full, shown = yaml.safe_load(config), yaml.safe_load(sketch)
+    for section, keys in shown.items():
+        for key, value in keys.items():
+            assert full[section][key] == value, (section, key)
+    assert "docs/byo.md" in readme_section()
 
 
 def test_the_readme_model_and_data_train(tmp_path: Path):
