@@ -180,6 +180,9 @@ class DPConfig:
     count_noise: float | None = field(default=None, metadata=POSITIVE)
     # seeded: reproducible noise (research); os: the OS CSPRNG, reproducibility given up
     noise_source: Literal["seeded", "os"] = "seeded"
+    # central mode: who adds the Gaussian noise. server: to the unmasked sum (a server trusted
+    # with it); clients: each its share before secagg masks it (distributed DP, needs secagg)
+    noise_placement: Literal["server", "clients"] = "server"
 
 
 @dataclass
