@@ -417,6 +417,8 @@ def _cross_checks(cfg: Config, source: Callable[[str], str], errors: list[str]) 
         _check_dp(cfg, source, errors)
     if cfg.secagg.enabled:
         _check_secagg(cfg, source, errors, cohort)
+    if cfg.dp.noise_placement == "clients":
+        _check_distributed_dp(cfg, source, errors)
 
 
 def _train_size(cfg: Config) -> int | None:
@@ -473,6 +475,29 @@ def _check_secagg(cfg: Config, source: Callable[[str], str], errors: list[str], 
         error("secagg.quantization_range", f"{cohort} clients x {sa.quantization_range} levels overflow mod 2^{sa.modulus_bits}")
     if cohort < 2:
         error("secagg.enabled", "secure aggregation of a single client reveals its update: the cohort needs >= 2 clients")
+
+
+def _check_distributed_dp(cfg: Config, source: Callable[[str], str], errors: list[str]) -> None:
+    """Clients' noise shares protect only a sum the server cannot see through."""
+    dp = cfg.dp
+
+    def error(key: str, text: str) -> None:
+        errors.append(f"{source(key)}: {key}: {text}")
+
+    if dp.mode != "central":
+        error("dp.noise_placement", f"clients splits central DP's noise among the clients; it needs dp.mode central, got {dp.mode!r}")
+    elif not cfg.secagg.enabled:
+        error("dp.noise_placement", "clients needs secagg.enabled: each client adds only a share of the noise, "
+              "so the server must see no update but the secure sum")
+    elif dp.adaptive_clipping:
+        error("dp.adaptive_clipping", "the count of unclipped clients would be noised by the server alone; "
+              "with dp.noise_placement clients use a fixed dp.clip_norm")
+    elif dp.noise_multiplier is not None:  # (a calibrated z is checked once known, before training)
+        from fltool.algorithms.privacy.mechanism import noise_range_problem
+
+        problem = noise_range_problem(cfg, dp.noise_multiplier)
+        if problem:
+            error("secagg.clipping_range", problem)
 
 
 def _check_clients(cfg: Config, source: Callable[[str], str], errors: list[str], cohort: int) -> None:

@@ -177,6 +177,11 @@ def train_round(
     bytes_up = torch.zeros((), dtype=torch.float64, device=global_params[0].device)
     privacy, compressor = state.privacy, state.compressor
     local_dp = privacy is not None and cfg.dp.mode == "local"
+    noise_shares = None  # distributed DP: each client adds 1/t of the noise variance, t the round's threshold
+    if privacy is not None and privacy.distributed:
+        from fltool.algorithms.secagg.aggregator import protocol_params
+
+        noise_shares = protocol_params(cfg.secagg, cohort, round_).threshold
 
     def context_for(ids: list[int]) -> Stacked:
         return algorithm.client_context(state.server, state.clients.rows(ids), global_params)
@@ -192,7 +197,7 @@ def train_round(
             compressed_rows.append((ids, rows))
         upload = Upload(delta=delta, weight=upload.weight, extras=upload.extras, state=upload.state)
         if privacy is not None and not local_dp:
-            upload = privacy.client_side(ids, upload, round_)
+            upload = privacy.client_side(ids, upload, round_, noise_shares)
         aggregator.add(ids, upload)
 
     def collect(ids: Tensor, upload: Upload) -> None:
@@ -210,6 +215,8 @@ def train_round(
     if cfg.secagg.enabled:  # what went up: keys, encrypted shares, masked vectors
         bytes_up = torch.full_like(bytes_up, aggregator.bytes_up)
         state.secagg_metrics = aggregator.metrics()  # (read once by train_federated's row)
+        if noise_shares is not None:  # the noise std the unmasked sum carries: z S sqrt(|U3| / t) >= z S
+            state.secagg_metrics["dp_sum_noise_std"] = cfg.dp.clip_norm * privacy.z * (aggregate.clients / noise_shares) ** 0.5
     if new_rows:
         store_client_rows(state.clients, new_rows, comm)
     if compressed_rows:

@@ -43,6 +43,12 @@ def budget_for(cfg: Config) -> Budget | None:
             f"dp.max_epsilon: {dp.max_epsilon:g} is below the epsilon of a single round, {budget.epsilon(1):.4g} "
             f"(noise multiplier {budget.noise_multiplier:.4g}): no round could run"
         )
+    if dp.noise_placement == "clients" and budget.calibrated:  # (a given z was checked at load)
+        from fltool.algorithms.privacy.mechanism import noise_range_problem
+
+        problem = noise_range_problem(cfg, budget.noise_multiplier)
+        if problem:
+            raise FltoolError(f"secagg.clipping_range: {problem}")
     return budget
 
 
@@ -55,7 +61,8 @@ def describe(cfg: Config, budget: Budget) -> str:
         else f"epsilon {budget.epsilon(fed.rounds):.4g} over {fed.rounds} rounds"
     )
     sampling = "Poisson sampling, rate q = C" if fed.sampling == "poisson" else "fixed-size sampling (replace-one accounting)"
+    where = ", noise added by the clients (distributed, under secagg)" if dp.noise_placement == "clients" else ""
     return (
-        f"dp: {dp.mode}, noise multiplier {budget.noise_multiplier:.4f} ({how}) at delta {budget.delta:.3g}; "
+        f"dp: {dp.mode}{where}, noise multiplier {budget.noise_multiplier:.4f} ({how}) at delta {budget.delta:.3g}; "
         f"clip norm {dp.clip_norm:g}{' (adaptive)' if dp.adaptive_clipping else ''}; {sampling}; {dp.accountant} accountant"
     )

@@ -16,8 +16,16 @@ two releases together cost what one of multiplier z does (the paper's Theorem 1)
 Local (an untrusted server): each client clips to S and adds N(0, (z S)^2) to its own
 upload before sending it; the server aggregates as usual.
 
+Distributed (central with `dp.noise_placement: clients`, under secagg): the same release
+as central, but the noise comes from the clients. Each clips to S and adds
+N(0, (z S)^2 / t) before quantising and masking, t the round's secagg reconstruction
+threshold: the server unmasks only a sum of at least t inputs (fewer abort the round),
+so the released sum always carries noise of std >= z S, the central mechanism's, and the
+accountant accounts z as for central DP. More survivors than t only add noise (the
+std is z S sqrt(|U3| / t)); the server never sees the un-noised sum.
+
 Noise comes from a generator seeded by (seed, round) (central) or (seed, round, client)
-(local): reproducible, so a resumed run repeats it bit for bit, and both engines agree,
+(local, distributed): reproducible, so a resumed run repeats it bit for bit, and both engines agree,
 which is what research needs and a deployment must not have (anyone with the seed can
 subtract it). `dp.noise_source: os` draws it from the OS CSPRNG instead (Box-Muller on
 os.urandom bits), giving reproducibility up.
@@ -36,11 +44,14 @@ from torch import Tensor
 from fltool.algorithms.aggregators.norm_bounded import client_norms
 from fltool.algorithms.api import Aggregate, Upload
 from fltool.algorithms.fedavg import per_client
-from fltool.algorithms.sampling import derive_seed
-from fltool.config.schema import DPConfig
+from fltool.algorithms.sampling import cohort_size, derive_seed
+from fltool.config.schema import Config, DPConfig
 from fltool.errors import FltoolError
 
 UNCLIPPED = "dp_unclipped"  # the extra that carries each client's 1[||Delta_k|| <= S]
+# distributed DP: secagg's clipping_range must hold S plus this many client-noise stds, so
+# a coordinate's noise is cut with probability below 2e-9 (two-sided normal tail at 6)
+NOISE_SIGMAS = 6.0
 
 
 def clip_to_norm(delta: Sequence[Tensor], clip_norm: Tensor | float) -> tuple[list[Tensor], Tensor]:
@@ -73,6 +84,31 @@ def gaussian_like(like: Sequence[Tensor], std: float, source: str, seed: int, *k
     return [part.view_as(t).to(t.dtype) for part, t in zip(flat.split([t.numel() for t in like]), like, strict=True)]
 
 
+def client_noise_std(z: float, clip_norm: float, shares: int) -> float:
+    """Distributed DP: each client's noise std, so that any `shares` of them sum to z S."""
+    return z * clip_norm / math.sqrt(shares)
+
+
+def noise_range_problem(cfg: Config, z: float) -> str | None:
+    """Distributed DP: why secagg.clipping_range could cut the clients' noise (a coordinate
+    of a clipped update is at most S, its noise std z S / sqrt(t) at the smallest threshold
+    t a round may use), or None when it holds S + NOISE_SIGMAS stds."""
+    from fltool.algorithms.secagg.aggregator import smallest_threshold
+
+    fed, faults = cfg.federated, cfg.clients
+    cohort = cohort_size(fed.num_clients, fed.fraction)
+    shrinks = faults.dropout > 0 or (faults.stragglers > 0 and faults.straggler_policy == "drop") or fed.sampling == "poisson"
+    lo = max(2, faults.min_returned) if shrinks else cohort
+    hi = fed.num_clients if fed.sampling == "poisson" else cohort
+    t = smallest_threshold(cfg.secagg, range(lo, max(lo, hi) + 1))
+    std = client_noise_std(z, cfg.dp.clip_norm, t)
+    need = cfg.dp.clip_norm + NOISE_SIGMAS * std
+    if cfg.secagg.clipping_range >= need:
+        return None
+    return (f"{cfg.secagg.clipping_range:g} would cut the clients' DP noise (std z S / sqrt(t) = {std:.4g} at threshold t = {t}): "
+            f"it needs >= S + {NOISE_SIGMAS:g} std = {need:.4g}")
+
+
 def update_noise_multiplier(z: float, count_noise: float) -> float:
     """z_Delta with adaptive clipping: (z^-2 - (2 sigma_b)^-2)^(-1/2); needs 2 sigma_b > z."""
     if z == 0:
@@ -100,27 +136,45 @@ class Privacy:
     def clip_norm(self) -> Tensor:
         return self.state["clip_norm"][0]
 
-    def client_side(self, ids: Tensor, upload: Upload, round_: int) -> Upload:
-        """Clip (and, local DP, noise) a chunk's uploads."""
+    @property
+    def distributed(self) -> bool:
+        """Central DP whose noise the clients add, each a share, before secagg masks it."""
+        return self.dp.mode == "central" and self.dp.noise_placement == "clients"
+
+    def client_side(self, ids: Tensor, upload: Upload, round_: int, noise_shares: int | None = None) -> Upload:
+        """Clip (and, local or distributed DP, noise) a chunk's uploads. Distributed: each
+        client adds N(0, (z S)^2 / noise_shares), noise_shares the fewest inputs the
+        round's secure sum can hold (its reconstruction threshold)."""
         clipped, norms = clip_to_norm(upload.delta, self.clip_norm.to(torch.float32))
         if self.dp.mode == "local":
-            noised = []
-            for i, k in enumerate(ids.tolist()):  # per-client seeds: both engines draw the same
-                noise = gaussian_like([d[i] for d in clipped], self.z * self.dp.clip_norm, self.dp.noise_source, self.seed, round_, k)
-                noised.append(noise)
-            clipped = [d + torch.stack([n[j] for n in noised]) for j, d in enumerate(clipped)]
+            clipped = self._per_client_noise(ids, clipped, self.z * self.dp.clip_norm, round_)
             return Upload(delta=clipped, weight=upload.weight, extras=upload.extras, state=upload.state)
+        if self.distributed:
+            if noise_shares is None:
+                raise FltoolError("dp.noise_placement clients: the round's secagg threshold is needed to size each client's noise")
+            std = client_noise_std(self.z, self.dp.clip_norm, noise_shares)
+            clipped = self._per_client_noise(ids, clipped, std, round_, "distributed")
         extras = dict(upload.extras)
         if self.dp.adaptive_clipping:
             extras[UNCLIPPED] = [(norms <= self.clip_norm).to(torch.float32)]
         return Upload(delta=clipped, weight=torch.ones_like(upload.weight), extras=extras, state=upload.state)
+
+    def _per_client_noise(self, ids: Tensor, clipped: list[Tensor], std: float, round_: int, *tag: str) -> list[Tensor]:
+        """Each client's own N(0, std^2), seeded by (seed, round, client): both engines draw
+        the same whatever chunk a client is in (or from the OS, `dp.noise_source: os`)."""
+        noised = [gaussian_like([d[i] for d in clipped], std, self.dp.noise_source, self.seed, round_, k, *tag)
+                  for i, k in enumerate(ids.tolist())]
+        return [d + torch.stack([n[j] for n in noised]) for j, d in enumerate(clipped)]
 
     def server_side(self, aggregate: Aggregate, round_: int, comm: Any) -> Aggregate:
         """Central DP: the noised, fixed-denominator mean of the clipped updates, and the
         next clip norm; local DP: the aggregate as it is."""
         if self.dp.mode != "central":
             return aggregate
-        m = aggregate.clients
+        m = aggregate.clients  # the clients the mean is over (secagg: those whose input arrived)
+        if self.distributed:  # the noise is already in the sum, the clients': only the denominator
+            delta = [d * m / self.expected for d in aggregate.delta]
+            return Aggregate(delta=delta, extras=aggregate.extras, clients=m, num_clients=aggregate.num_clients)
         noise = self.server_noise(aggregate.delta, comm, round_)
         std = self.z_update * self.clip_norm.to(torch.float32)  # this round's S, before adapting it
         delta = [(d * m + n * std) / self.expected for d, n in zip(aggregate.delta, noise, strict=True)]

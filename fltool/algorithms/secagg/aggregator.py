@@ -32,12 +32,23 @@ from fltool.config.schema import SecAggConfig
 from fltool.errors import FltoolError
 
 
-def protocol_params(cfg: SecAggConfig, cohort: int, round_id: int) -> SecAggParams:
+def neighbours_and_threshold(cfg: SecAggConfig, cohort: int) -> tuple[int, int]:
     """k and t for a cohort: the configured ones, or k ~ 3 log2(n) and t = (k + 1) / 3."""
     k = cohort - 1 if cfg.graph == "complete" else min(cfg.num_shares or default_neighbours(cohort), cohort - 1)
     if k % 2 == 1 and cohort % 2 == 1 and k < cohort - 1:
         k += 1  # an odd-degree regular graph needs an even cohort
-    t = cfg.reconstruction_threshold or max(2, math.ceil((k + 1) / 3))
+    return k, cfg.reconstruction_threshold or max(2, math.ceil((k + 1) / 3))
+
+
+def smallest_threshold(cfg: SecAggConfig, cohorts: range) -> int:
+    """The least t any round over a cohort size in `cohorts` uses: the fewest inputs a
+    secure sum can hold (distributed DP sizes its noise check by it)."""
+    return min(neighbours_and_threshold(cfg, n)[1] for n in cohorts)
+
+
+def protocol_params(cfg: SecAggConfig, cohort: int, round_id: int) -> SecAggParams:
+    """The round's protocol parameters; a cohort too small for its threshold aborts."""
+    k, t = neighbours_and_threshold(cfg, cohort)
     if t > k + 1:  # a small cohort (after dropouts): the round cannot run without revealing someone
         raise SecAggAbort(f"secagg: {cohort} clients give each client {k + 1} shareholders, fewer than the threshold {t}")
     return SecAggParams(neighbours=k, threshold=t, modulus_bits=cfg.modulus_bits, round_id=round_id)
@@ -53,6 +64,7 @@ class SecureMeanAggregator:
         self.rows: list[Tensor] = []
         self.layout: list[tuple[str, list[torch.Size]]] = []
         self.last: RoundResult | None = None
+        self.clipped = 0
 
     def add(self, ids: Tensor, upload: Upload) -> None:
         parts = {"delta": upload.delta, **{f"extra.{k}": v for k, v in sorted(upload.extras.items())}}
@@ -72,8 +84,12 @@ class SecureMeanAggregator:
         params = protocol_params(self.cfg, m, self.round)
         relative = weights * (m / weights.sum())
         coins = generator_for(self.seed, "secagg-rounding", self.round)
-        encoded = {cid: quantize(relative[i] * rows[i].double(), self.cfg.clipping_range, self.cfg.quantization_range, coins)
-                   for i, cid in enumerate(ids)}
+        encoded, self.clipped = {}, 0
+        for i, cid in enumerate(ids):  # one client's float64 row at a time: memory stays one row
+            scaled = relative[i] * rows[i].double()
+            # a simulation diagnostic, not something the server learns: coordinates the range cut
+            self.clipped += int((scaled.abs() > self.cfg.clipping_range).sum())
+            encoded[cid] = quantize(scaled, self.cfg.clipping_range, self.cfg.quantization_range, coins)
         dropped = generator_for(self.seed, "secagg-dropout", self.round)
         gone = {cid for cid, u in zip(ids, torch.rand(m, generator=dropped).tolist()) if u < self.cfg.dropout}
         self.last = run_round(encoded, params, drop={"masked_input": gone}, keep_vectors=False)
@@ -89,7 +105,9 @@ class SecureMeanAggregator:
                 out[name].append(mean[at:at + size].view(shape))
                 at += size
         extras = {k.removeprefix("extra."): v for k, v in out.items() if k.startswith("extra.")}
-        return Aggregate(delta=out["delta"], extras=extras, clients=clients, num_clients=num_clients)
+        # clients: those the mean is over (U3), so a fixed-denominator DP release or SCAFFOLD's
+        # share |S|/K counts only the inputs that arrived
+        return Aggregate(delta=out["delta"], extras=extras, clients=len(u3), num_clients=num_clients)
 
     def metrics(self) -> dict[str, Any]:
         """The round's protocol columns for metrics.jsonl: who was unmasked, who dropped
@@ -106,6 +124,7 @@ class SecureMeanAggregator:
             "secagg_bytes_down_per_client": round(sum(r.transcript.down[u] for u in done) / len(done)),
             "secagg_client_s": sum(r.client_seconds.values()),
             "secagg_server_s": r.server_seconds,
+            "secagg_clipped": self.clipped,
         }
 
     @property
