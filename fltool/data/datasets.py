@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fltool.config.schema import DataConfig, SyntheticConfig
+from fltool.data.types import Dataset, TensorSplit
+from fltool.data.user import load_user_dataset
 from fltool.data.vision import VISION, load_vision, normalise_per_channel
 from fltool.errors import FltoolError
 
@@ -26,42 +27,10 @@ _TORCHVISION = {
 }
 
 
-@dataclass
-class TensorSplit:
-    x: torch.Tensor  # float32 [N, C, H, W], normalised
-    y: torch.Tensor  # int64 [N]
-    # int64 [N] on the host: each example's natural client (a writer, a user), for
-    # `data.partition: natural`; None where the data has no such owner
-    client: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.y.shape[0]
-
-    def to(self, device: torch.device | str) -> TensorSplit:
-        return TensorSplit(self.x.to(device), self.y.to(device), self.client)
-
-
-@dataclass
-class Dataset:
-    name: str
-    train: TensorSplit
-    test: TensorSplit
-    num_classes: int
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.train.x.shape[1:])
-
-    def to(self, device: torch.device | str) -> Dataset:
-        return Dataset(self.name, self.train.to(device), self.test.to(device), self.num_classes)
-
-
 def data_shape(cfg: DataConfig) -> tuple[tuple[int, ...], int]:
     """(input shape, number of classes) of the configured dataset, without loading it
     (a `data.class_path` dataset is loaded once, and kept for `load_dataset`)."""
     if cfg.class_path:
-        from fltool.data.user import load_user_dataset
-
         ds = load_user_dataset(cfg)
         return ds.input_shape, ds.num_classes
     if cfg.dataset == "synthetic":
@@ -73,8 +42,6 @@ def data_shape(cfg: DataConfig) -> tuple[tuple[int, ...], int]:
 
 def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     if cfg.class_path:
-        from fltool.data.user import load_user_dataset
-
         return load_user_dataset(cfg)
     if cfg.dataset == "synthetic":
         return make_synthetic(cfg.synthetic, seed)

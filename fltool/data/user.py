@@ -24,7 +24,7 @@ import torch
 
 from fltool.class_path import call, resolve
 from fltool.config.schema import DataConfig
-from fltool.data.datasets import Dataset, TensorSplit
+from fltool.data.types import Dataset, TensorSplit
 from fltool.errors import FltoolError
 
 KEY = "data.class_path"
