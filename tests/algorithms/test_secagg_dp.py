@@ -53,7 +53,8 @@ def test_each_client_adds_its_share_seeded_by_seed_round_client() -> None:
     assert torch.equal(alone.delta[1][0], noised.delta[1][7])  # client 7's noise whatever its chunk: engines agree
     assert not torch.equal(zero_uploads(privacy, 2)[1].delta[1], noised.delta[1])  # fresh each round
     local = Privacy(DPConfig(mode="local", clip_norm=S, noise_multiplier=Z), Z, M, seed=3, device=torch.device("cpu"))
-    assert not torch.equal(local.client_side(ids, noised, 1).delta[1][0] - noised.delta[1][0], noised.delta[1][0])  # its own stream
+    local_noise = local.client_side(ids, Upload(delta=[torch.zeros(M, D // 4, 2), torch.zeros(M, D // 2)], weight=torch.ones(M)), 1)
+    assert not torch.allclose(local_noise.delta[1] / math.sqrt(T), noised.delta[1])  # a stream of its own, not local DP's
     with pytest.raises(FltoolError, match="threshold"):
         privacy.client_side(ids, noised, 1)
 
