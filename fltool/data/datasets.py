@@ -2,7 +2,9 @@
 
 The data root (config `data.root` or `$FLTOOL_DATA`) is treated as read-only: its raw
 archives are copied into a cache (`data.cache`, `$FLTOOL_CACHE` or ~/.cache/fltool),
-where torchvision verifies their MD5s and extracts them, offline.
+where MNIST and FashionMNIST are checked against their published MD5s, extracted and
+read without torchvision (`fltool.data.mnist`); torchvision is imported only to
+download what is found in neither place.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fltool.config.schema import DataConfig, SyntheticConfig
+from fltool.data.mnist import read_local
 from fltool.data.types import Dataset, TensorSplit
 from fltool.data.user import load_user_dataset
 from fltool.data.vision import VISION, load_vision, normalise_per_channel
@@ -50,7 +53,7 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
         x_train_f, x_test_f = normalise_per_channel(x_train, x_test)
         train, test = TensorSplit(x_train_f, y_train), TensorSplit(x_test_f, y_test)
         return Dataset(cfg.dataset, train, test, num_classes=VISION[cfg.dataset].num_classes)
-    return _load_torchvision(cfg)
+    return _load_mnist_like(cfg)
 
 
 def data_root(cfg: DataConfig) -> Path | None:
@@ -63,9 +66,7 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(cache).expanduser()
 
 
-def _load_torchvision(cfg: DataConfig) -> Dataset:
-    import torchvision
-
+def _load_mnist_like(cfg: DataConfig) -> Dataset:
     cls_name, folder, mean, std = _TORCHVISION[cfg.dataset]
     cache = cache_root(cfg)
     source = data_root(cfg)
@@ -75,6 +76,20 @@ def _load_torchvision(cfg: DataConfig) -> Dataset:
             _copy_raw_archives(source / folder / "raw", raw)
         except OSError as exc:
             raise FltoolError(f"data.cache: cannot write the archives to {raw}: {exc.strerror or exc}") from None
+    local = read_local(cfg.dataset, folder, raw, source / folder / "raw" if source is not None else None)
+    if local is None:
+        local = _download_with_torchvision(cfg.dataset, cls_name, folder, cache, source)
+    x_train, y_train, x_test, y_test = local
+    train, test = _normalise(x_train, y_train, mean, std), _normalise(x_test, y_test, mean, std)
+    return Dataset(cfg.dataset, train, test, num_classes=10)
+
+
+def _download_with_torchvision(
+    name: str, cls_name: str, folder: str, cache: Path, source: Path | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    import torchvision
+
+    raw = cache / folder / "raw"
     cls = getattr(torchvision.datasets, cls_name)
     for attempt in (1, 2):
         try:
@@ -88,12 +103,12 @@ def _load_torchvision(cfg: DataConfig) -> Dataset:
             where = f"{source / folder / 'raw'}" if source else "$FLTOOL_DATA (unset)"
             reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
             raise FltoolError(
-                f"data.dataset: {cfg.dataset}: no readable archives in {where} or the cache {raw}, "
+                f"data.dataset: {name}: no readable archives in {where} or the cache {raw}, "
                 f"and the download failed ({reason[:120]}); set data.root or FLTOOL_DATA to a folder holding "
                 f"{folder}/raw/*.gz"
             ) from None
-    train, test = (_normalise(s.data, s.targets, mean, std) for s in splits)
-    return Dataset(cfg.dataset, train, test, num_classes=10)
+    train, test = splits
+    return train.data, train.targets, test.data, test.targets
 
 
 def _copy_raw_archives(src: Path, dst: Path) -> None:
