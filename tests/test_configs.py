@@ -17,7 +17,9 @@ from fltool.config.registry import AGGREGATORS, ALGORITHMS, ATTACKS, COMPRESSORS
 from fltool.data import data_shape
 from fltool.run.metrics import read_metrics
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# every file under configs/, the paper reproductions in configs/paper/ too
+CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
 REGISTRIES = {
     "algorithm": ALGORITHMS,
     "server_optimizer": SERVER_OPTIMIZERS,
@@ -54,7 +56,7 @@ def test_the_shipped_configs_use_every_builtin_choice():
         assert {getattr(cfg, section).name for cfg in federated} == set(registry.names()), section
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(CONFIG_DIR).as_posix())
 def test_config_validates_as_written(path: Path, tmp_path: Path):
     cfg = load_config(path)
     assert cfg.name == path.stem
@@ -70,7 +72,7 @@ def test_config_validates_as_written(path: Path, tmp_path: Path):
     assert load_config(resolved) == cfg
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(CONFIG_DIR).as_posix())
 def test_config_runs_one_round_on_synthetic_data(path: Path, tmp_path: Path):
     cfg = load_config(path)
     overrides = [*FAST[cfg.mode], f"output.run_dir={tmp_path / 'run'}"]
