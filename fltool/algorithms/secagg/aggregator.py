@@ -29,7 +29,8 @@ from fltool.algorithms.secagg.encoding import check_capacity, dequantize, quanti
 from fltool.algorithms.secagg.graph import default_neighbours
 from fltool.algorithms.secagg.protocol import RoundResult, SecAggAbort, SecAggParams, run_round
 from fltool.config.schema import SecAggConfig
-from fltool.errors import FltoolError
+
+ABORT_BYTES = 512  # an abort's one line, sent from rank 0 to the others under `launch`
 
 
 def neighbours_and_threshold(cfg: SecAggConfig, cohort: int) -> tuple[int, int]:
@@ -74,27 +75,17 @@ class SecureMeanAggregator:
         self.rows.append(torch.cat([t.reshape(t.shape[0], -1).float() for ts in parts.values() for t in ts], dim=1))
 
     def reduce(self, comm: Any, also: Sequence[Tensor], clients: int, num_clients: int) -> Aggregate:
-        if getattr(comm, "world_size", 1) > 1:
-            raise FltoolError("secagg: not supported under `fltool launch` (one process runs the whole protocol)")
         comm.all_reduce_sum(list(also))
-        ids = torch.cat(self.ids).tolist()
-        weights, rows = torch.cat(self.weights).double(), torch.cat(self.rows)
+        ids_t, weights, rows = torch.cat(self.ids), torch.cat(self.weights).double(), torch.cat(self.rows)
+        if comm.world_size > 1:  # `launch`: every rank's clients (float64 rows: float32 values exactly)
+            ids_t, weights, rows = comm.all_gather_rows([ids_t, weights, rows])
+        order = ids_t.argsort()  # clients in id order, however engines and ranks split them: coins and drops alike
+        ids, weights, rows = ids_t[order].tolist(), weights[order], rows[order]
         m = len(ids)
         check_capacity(m, self.cfg.quantization_range, self.cfg.modulus_bits)
         params = protocol_params(self.cfg, m, self.round)
-        relative = weights * (m / weights.sum())
-        coins = generator_for(self.seed, "secagg-rounding", self.round)
-        encoded, self.clipped = {}, 0
-        for i, cid in enumerate(ids):  # one client's float64 row at a time: memory stays one row
-            scaled = relative[i] * rows[i].double()
-            # a simulation diagnostic, not something the server learns: coordinates the range cut
-            self.clipped += int((scaled.abs() > self.cfg.clipping_range).sum())
-            encoded[cid] = quantize(scaled, self.cfg.clipping_range, self.cfg.quantization_range, coins)
-        dropped = generator_for(self.seed, "secagg-dropout", self.round)
-        gone = {cid for cid, u in zip(ids, torch.rand(m, generator=dropped).tolist()) if u < self.cfg.dropout}
-        self.last = run_round(encoded, params, drop={"masked_input": gone}, keep_vectors=False)
-        u3 = set(self.last.contributors)
-        total = dequantize(self.last.total, len(u3), self.cfg.clipping_range, self.cfg.quantization_range)
+        u3, reduced = self._secure_sum(comm, ids, weights, rows, params)
+        total = dequantize(reduced, len(u3), self.cfg.clipping_range, self.cfg.quantization_range)
         w_u3 = sum(float(weights[i]) for i, cid in enumerate(ids) if cid in u3)
         mean = (total * (float(weights.sum()) / (m * w_u3))).to(rows.dtype)
         out, at = {}, 0
@@ -108,6 +99,53 @@ class SecureMeanAggregator:
         # clients: those the mean is over (U3), so a fixed-denominator DP release or SCAFFOLD's
         # share |S|/K counts only the inputs that arrived
         return Aggregate(delta=out["delta"], extras=extras, clients=len(u3), num_clients=num_clients)
+
+    def _secure_sum(self, comm: Any, ids: list[int], weights: Tensor, rows: Tensor, params: SecAggParams) -> tuple[set[int], Tensor]:
+        """U3 and the unmasked integer sum. The protocol runs once, on rank 0: its keys and
+        graph come from the OS, so ranks running it apart could disagree on an abort. The
+        other ranks receive U3 and the sum (exact integers), or the abort."""
+        abort: SecAggAbort | None = None
+        if comm.is_main:
+            try:
+                self.last = self._protocol(ids, weights, rows, params)
+            except SecAggAbort as error:
+                abort = error
+        if comm.world_size == 1:
+            if abort is not None:
+                raise abort
+            assert self.last is not None
+            return set(self.last.contributors), self.last.total
+        # header: [aborted, U3 mask over ids, the abort's message as bytes]
+        header = torch.zeros(1 + len(ids) + ABORT_BYTES, dtype=torch.int64, device=rows.device)
+        if comm.is_main:
+            header[0] = abort is not None
+            if abort is None:
+                header[1 : 1 + len(ids)] = torch.tensor([cid in self.last.contributors for cid in ids])
+            else:
+                text = str(abort).encode()[:ABORT_BYTES]
+                header[1 + len(ids) : 1 + len(ids) + len(text)] = torch.tensor(list(text))
+        comm.broadcast(header, src=0)
+        if header[0]:
+            text = bytes(int(b) for b in header[1 + len(ids):].tolist() if b)
+            raise abort or SecAggAbort(text.decode(errors="replace"))
+        total = self.last.total if comm.is_main else torch.zeros(rows.shape[1], dtype=torch.int64, device=rows.device)
+        comm.broadcast(total, src=0)
+        return {cid for cid, inside in zip(ids, header[1 : 1 + len(ids)].tolist(), strict=True) if inside}, total
+
+    def _protocol(self, ids: list[int], weights: Tensor, rows: Tensor, params: SecAggParams) -> RoundResult:
+        """Encode each client's weighted row, drop the simulated dropouts, run the round."""
+        m = len(ids)
+        relative = weights * (m / weights.sum())
+        coins = generator_for(self.seed, "secagg-rounding", self.round)
+        encoded, self.clipped = {}, 0
+        for i, cid in enumerate(ids):  # one client's float64 row at a time: memory stays one row
+            scaled = relative[i] * rows[i].double()
+            # a simulation diagnostic, not something the server learns: coordinates the range cut
+            self.clipped += int((scaled.abs() > self.cfg.clipping_range).sum())
+            encoded[cid] = quantize(scaled, self.cfg.clipping_range, self.cfg.quantization_range, coins)
+        dropped = generator_for(self.seed, "secagg-dropout", self.round)
+        gone = {cid for cid, u in zip(ids, torch.rand(m, generator=dropped).tolist()) if u < self.cfg.dropout}
+        return run_round(encoded, params, drop={"masked_input": gone}, keep_vectors=False)
 
     def metrics(self) -> dict[str, Any]:
         """The round's protocol columns for metrics.jsonl: who was unmasked, who dropped
