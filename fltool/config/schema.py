@@ -195,6 +195,9 @@ class SecAggConfig:
     num_shares: int | None = field(default=None, metadata=AT_LEAST_ONE)  # k neighbours; null: ~3 log2(cohort)
     # t shares reconstruct a secret; null: a third of the k + 1 shareholders (at least 2)
     reconstruction_threshold: int | None = field(default=None, metadata=_check(lambda v: v >= 2, ">= 2"))
+    # the fewest masked inputs the server may unmask a sum of (fewer abort the round); null: t.
+    # Distributed DP sizes each client's noise by it, so a higher floor means less excess noise
+    min_inputs: int | None = field(default=None, metadata=_check(lambda v: v >= 2, ">= 2"))
     clipping_range: float = field(default=8.0, metadata=POSITIVE)  # each coordinate clipped to [-c, c]
     quantization_range: int = field(default=2**22, metadata=_check(lambda v: v >= 2, ">= 2"))
     modulus_bits: int = field(default=32, metadata=_check(lambda v: 8 <= v <= 32, "in [8, 32] (the PRG gives 32-bit words)"))
