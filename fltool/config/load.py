@@ -475,6 +475,8 @@ def _check_secagg(cfg: Config, source: Callable[[str], str], errors: list[str], 
         error("secagg.quantization_range", f"{cohort} clients x {sa.quantization_range} levels overflow mod 2^{sa.modulus_bits}")
     if cohort < 2:
         error("secagg.enabled", "secure aggregation of a single client reveals its update: the cohort needs >= 2 clients")
+    if sa.min_inputs is not None and sa.min_inputs > cohort:
+        error("secagg.min_inputs", f"{sa.min_inputs} is more than the {cohort} clients a round samples: no round could be unmasked")
 
 
 def _check_distributed_dp(cfg: Config, source: Callable[[str], str], errors: list[str]) -> None:

@@ -177,11 +177,11 @@ def train_round(
     bytes_up = torch.zeros((), dtype=torch.float64, device=global_params[0].device)
     privacy, compressor = state.privacy, state.compressor
     local_dp = privacy is not None and cfg.dp.mode == "local"
-    noise_shares = None  # distributed DP: each client adds 1/t of the noise variance, t the round's threshold
+    noise_shares = None  # distributed DP: each client adds 1/t of the noise variance, t the fewest inputs unmasked
     if privacy is not None and privacy.distributed:
         from fltool.algorithms.secagg.aggregator import protocol_params
 
-        noise_shares = protocol_params(cfg.secagg, cohort, round_).threshold
+        noise_shares = protocol_params(cfg.secagg, cohort, round_).fewest_inputs
 
     def context_for(ids: list[int]) -> Stacked:
         return algorithm.client_context(state.server, state.clients.rows(ids), global_params)

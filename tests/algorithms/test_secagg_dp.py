@@ -16,7 +16,7 @@ import torch
 from fltool.algorithms.api import Upload
 from fltool.algorithms.privacy import Privacy
 from fltool.algorithms.secagg import SecAggParams, dequantize, quantize, run_round
-from fltool.algorithms.secagg.aggregator import SecureMeanAggregator
+from fltool.algorithms.secagg.aggregator import SecureMeanAggregator, fewest_inputs, protocol_params
 from fltool.config import config_from_dict, load_config
 from fltool.config.schema import DPConfig, SecAggConfig
 from fltool.distributed.comm import Comm
@@ -59,13 +59,14 @@ def test_each_client_adds_its_share_seeded_by_seed_round_client() -> None:
         privacy.client_side(ids, noised, 1)
 
 
-def unmasked_sum(upload: Upload, dropped: set[int], seed: int = 0) -> torch.Tensor:
-    """The noised updates through quantisation, SecAgg+ (t = T, complete graph) and
+def unmasked_sum(upload: Upload, dropped: set[int], seed: int = 0, params: SecAggParams | None = None) -> torch.Tensor:
+    """The noised updates through quantisation, SecAgg (t = T, complete graph) and
     unmasking, `dropped` vanishing after sharing keys: the float sum over the rest."""
     coins = torch.Generator().manual_seed(seed)
     cfg = SecAggConfig(enabled=True)
     vectors = {u: quantize(row.double(), cfg.clipping_range, cfg.quantization_range, coins) for u, row in enumerate(flat(upload))}
-    result = run_round(vectors, SecAggParams(neighbours=M - 1, threshold=T), drop={"masked_input": dropped}, keep_vectors=False)
+    params = params or SecAggParams(neighbours=M - 1, threshold=T)
+    result = run_round(vectors, params, drop={"masked_input": dropped}, keep_vectors=False)
     return dequantize(result.total, len(result.contributors), cfg.clipping_range, cfg.quantization_range)
 
 
@@ -81,6 +82,22 @@ def test_the_unmasked_sum_of_t_survivors_has_std_z_s_and_of_more_survivors_more(
     assert everyone.std().item() == pytest.approx(Z * S * math.sqrt(M / T), rel=0.02)  # 0.79: 2.5x the variance
     with pytest.raises(FltoolError, match="aborted"):  # t - 1 inputs: never unmasked, so never under-noised
         unmasked_sum(noised, dropped=set(range(T - 1, M)))
+
+
+def test_min_inputs_raises_the_floor_and_shrinks_each_share() -> None:
+    """secagg.min_inputs = 8 over a threshold of 3: sums of fewer than 8 inputs are never
+    unmasked, so each client adds N(0, (z S)^2 / 8) and 8 survivors carry exactly z S."""
+    cfg = SecAggConfig(enabled=True, graph="complete", reconstruction_threshold=3, min_inputs=8)
+    params = protocol_params(cfg, M, 1)
+    assert (params.threshold, params.fewest_inputs) == (3, 8)
+    assert fewest_inputs(cfg, range(2, 30)) == 8 and fewest_inputs(SecAggConfig(enabled=True), range(10, 11)) == 4
+    _, noised = zero_uploads(distributed(), 1, shares=params.fewest_inputs)
+    eight = unmasked_sum(noised, dropped={0, 1}, params=params)
+    assert eight.std().item() == pytest.approx(Z * S, rel=0.02)
+    with pytest.raises(FltoolError, match="7 inputs < the fewest allowed, 8"):
+        unmasked_sum(noised, dropped={0, 1, 2}, params=params)  # 7 of 10: above t, below the floor
+    with pytest.raises(FltoolError, match="cannot reach secagg.min_inputs 8"):
+        protocol_params(cfg, 7, 1)  # a cohort that could never be unmasked aborts before training
 
 
 def test_the_release_through_the_secure_mean_is_the_noised_sum_over_e_m() -> None:
@@ -121,6 +138,7 @@ BASE = ["secagg.enabled=true", "dp.mode=central", "dp.noise_placement=clients", 
     (["dp.mode=local"], "dp.noise_placement: clients splits central DP's noise among the clients; it needs dp.mode central"),
     (["dp.adaptive_clipping=true", "dp.count_noise=5", "federated.sampling=poisson"], "dp.adaptive_clipping: the count of unclipped clients"),
     (["secagg.clipping_range=4", "secagg.reconstruction_threshold=2"], "secagg.clipping_range: 4 would cut the clients' DP noise"),
+    (["secagg.min_inputs=11"], "secagg.min_inputs: 11 is more than the 10 clients a round samples"),
 ])
 def test_config_refuses_distributed_noise_that_protects_nothing(overrides: list[str], line: str) -> None:
     with pytest.raises(FltoolError) as info:

@@ -18,8 +18,9 @@ upload before sending it; the server aggregates as usual.
 
 Distributed (central with `dp.noise_placement: clients`, under secagg): the same release
 as central, but the noise comes from the clients. Each clips to S and adds
-N(0, (z S)^2 / t) before quantising and masking, t the round's secagg reconstruction
-threshold: the server unmasks only a sum of at least t inputs (fewer abort the round),
+N(0, (z S)^2 / t) before quantising and masking, t the fewest inputs the round's secure
+sum may hold (secagg's reconstruction threshold, or secagg.min_inputs if higher): the
+server unmasks only a sum of at least t inputs (fewer abort the round),
 so the released sum always carries noise of std >= z S, the central mechanism's, and the
 accountant accounts z as for central DP. More survivors than t only add noise (the
 std is z S sqrt(|U3| / t)); the server never sees the un-noised sum.
@@ -91,21 +92,21 @@ def client_noise_std(z: float, clip_norm: float, shares: int) -> float:
 
 def noise_range_problem(cfg: Config, z: float) -> str | None:
     """Distributed DP: why secagg.clipping_range could cut the clients' noise (a coordinate
-    of a clipped update is at most S, its noise std z S / sqrt(t) at the smallest threshold
-    t a round may use), or None when it holds S + NOISE_SIGMAS stds."""
-    from fltool.algorithms.secagg.aggregator import smallest_threshold
+    of a clipped update is at most S, its noise std z S / sqrt(t) at the fewest inputs t
+    a round may unmask), or None when it holds S + NOISE_SIGMAS stds."""
+    from fltool.algorithms.secagg.aggregator import fewest_inputs
 
     fed, faults = cfg.federated, cfg.clients
     cohort = cohort_size(fed.num_clients, fed.fraction)
     shrinks = faults.dropout > 0 or (faults.stragglers > 0 and faults.straggler_policy == "drop") or fed.sampling == "poisson"
     lo = max(2, faults.min_returned) if shrinks else cohort
     hi = fed.num_clients if fed.sampling == "poisson" else cohort
-    t = smallest_threshold(cfg.secagg, range(lo, max(lo, hi) + 1))
+    t = fewest_inputs(cfg.secagg, range(lo, max(lo, hi) + 1))
     std = client_noise_std(z, cfg.dp.clip_norm, t)
     need = cfg.dp.clip_norm + NOISE_SIGMAS * std
     if cfg.secagg.clipping_range >= need:
         return None
-    return (f"{cfg.secagg.clipping_range:g} would cut the clients' DP noise (std z S / sqrt(t) = {std:.4g} at threshold t = {t}): "
+    return (f"{cfg.secagg.clipping_range:g} would cut the clients' DP noise (std z S / sqrt(t) = {std:.4g} at t = {t} inputs): "
             f"it needs >= S + {NOISE_SIGMAS:g} std = {need:.4g}")
 
 
@@ -144,7 +145,7 @@ class Privacy:
     def client_side(self, ids: Tensor, upload: Upload, round_: int, noise_shares: int | None = None) -> Upload:
         """Clip (and, local or distributed DP, noise) a chunk's uploads. Distributed: each
         client adds N(0, (z S)^2 / noise_shares), noise_shares the fewest inputs the
-        round's secure sum can hold (its reconstruction threshold)."""
+        round's secure sum can hold (`SecAggParams.fewest_inputs`)."""
         clipped, norms = clip_to_norm(upload.delta, self.clip_norm.to(torch.float32))
         if self.dp.mode == "local":
             clipped = self._per_client_noise(ids, clipped, self.z * self.dp.clip_norm, round_)

@@ -41,10 +41,10 @@ def neighbours_and_threshold(cfg: SecAggConfig, cohort: int) -> tuple[int, int]:
     return k, cfg.reconstruction_threshold or max(2, math.ceil((k + 1) / 3))
 
 
-def smallest_threshold(cfg: SecAggConfig, cohorts: range) -> int:
-    """The least t any round over a cohort size in `cohorts` uses: the fewest inputs a
-    secure sum can hold (distributed DP sizes its noise check by it)."""
-    return min(neighbours_and_threshold(cfg, n)[1] for n in cohorts)
+def fewest_inputs(cfg: SecAggConfig, cohorts: range) -> int:
+    """The fewest inputs a secure sum over a cohort size in `cohorts` can hold: t or
+    secagg.min_inputs, whichever is more (distributed DP's noise check uses it)."""
+    return min(max(neighbours_and_threshold(cfg, n)[1], cfg.min_inputs or 0) for n in cohorts)
 
 
 def protocol_params(cfg: SecAggConfig, cohort: int, round_id: int) -> SecAggParams:
@@ -52,7 +52,9 @@ def protocol_params(cfg: SecAggConfig, cohort: int, round_id: int) -> SecAggPara
     k, t = neighbours_and_threshold(cfg, cohort)
     if t > k + 1:  # a small cohort (after dropouts): the round cannot run without revealing someone
         raise SecAggAbort(f"secagg: {cohort} clients give each client {k + 1} shareholders, fewer than the threshold {t}")
-    return SecAggParams(neighbours=k, threshold=t, modulus_bits=cfg.modulus_bits, round_id=round_id)
+    if (cfg.min_inputs or 0) > cohort:
+        raise SecAggAbort(f"secagg: {cohort} clients cannot reach secagg.min_inputs {cfg.min_inputs}")
+    return SecAggParams(neighbours=k, threshold=t, modulus_bits=cfg.modulus_bits, round_id=round_id, min_inputs=cfg.min_inputs or 0)
 
 
 class SecureMeanAggregator:

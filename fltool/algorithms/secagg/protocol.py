@@ -49,6 +49,12 @@ class SecAggParams:
     modulus_bits: int = 32
     round_id: int = 0
     chunk: int = crypto.CHUNK
+    min_inputs: int = 0  # the server unmasks no sum of fewer inputs than this (nor than t)
+
+    @property
+    def fewest_inputs(self) -> int:
+        """The fewest inputs an unmasked sum can hold: what distributed DP's noise is sized by."""
+        return max(self.threshold, self.min_inputs)
 
 
 @dataclass
@@ -185,8 +191,8 @@ class Server:
         for u in sorted(u3):
             y = self.relay("masked_input", u, SERVER, self._call(u, clients[u].masked_input))
             total = y.clone() if total is None else total.add_(y)
-        if len(u3) < self.params.threshold or total is None:
-            raise SecAggAbort(f"secagg: round aborted at masked_input: {len(u3)} inputs < threshold {self.params.threshold}")
+        if len(u3) < self.params.fewest_inputs or total is None:  # (clients would refuse to reveal shares for it)
+            raise SecAggAbort(f"secagg: round aborted at masked_input: {len(u3)} inputs < the fewest allowed, {self.params.fewest_inputs}")
         u4 = u3 - drop.get("unmask", set())
         announce = b"".join(u.to_bytes(4, "big") for u in sorted(u3))
         revealed: dict[int, list[tuple[str, shamir.Share]]] = {u: [] for u in u2}
