@@ -41,9 +41,10 @@ def malicious_for_run(cfg: Config) -> list[int]:
     return sorted(torch.randperm(k, generator=generator_for(cfg.seed, "malicious"))[:count].tolist())
 
 
-def plan_round(cfg: Config, sizes: list[int], round_: int, run_malicious: list[int]) -> RoundPlan:
-    """Draw round `round_`'s cohort and its faults; `sizes` are every client's n_k."""
-    for attempt in range(MAX_ATTEMPTS):
+def plan_round(cfg: Config, sizes: list[int], round_: int, run_malicious: list[int], first_attempt: int = 0) -> RoundPlan:
+    """Draw round `round_`'s cohort and its faults; `sizes` are every client's n_k.
+    `first_attempt`: the draw to start from (a redraw after a secagg abort)."""
+    for attempt in range(first_attempt, MAX_ATTEMPTS):
         plan = draw(cfg, sizes, round_, attempt, run_malicious)
         if len(plan.returned) >= cfg.clients.min_returned:
             return plan
@@ -56,6 +57,19 @@ def plan_round(cfg: Config, sizes: list[int], round_: int, run_malicious: list[i
         f"round {round_}: fewer than clients.min_returned={cfg.clients.min_returned} clients returned in "
         f"{MAX_ATTEMPTS} draws; lower clients.dropout or clients.min_returned"
     )
+
+
+def redraw_after_abort(cfg: Config, plan: RoundPlan, sizes: list[int], round_: int, run_malicious: list[int]) -> RoundPlan | None:
+    """After a secagg round aborted (too few live shareholders or inputs): the round's
+    next draw, as `clients.on_too_few: resample` asks (the model is unchanged, so the new
+    cohort trains from it), or None to skip the round: with `skip`, and with Poisson
+    sampling, whose cohorts are never drawn again (as in `plan_round`). After
+    MAX_ATTEMPTS draws in all, the run fails."""
+    if cfg.clients.on_too_few == "skip" or cfg.federated.sampling == "poisson":
+        return None
+    if plan.attempts >= MAX_ATTEMPTS:
+        raise FltoolError(f"round {round_}: secure aggregation aborted in all {MAX_ATTEMPTS} draws; lower the dropouts or secagg's threshold")
+    return plan_round(cfg, sizes, round_, run_malicious, first_attempt=plan.attempts)
 
 
 def draw(cfg: Config, sizes: list[int], round_: int, attempt: int, run_malicious: list[int]) -> RoundPlan:

@@ -36,7 +36,7 @@ from fltool.models.setup import seeded_model
 from fltool.run.checkpoint import Checkpoint, make_checkpoint, save_checkpoint
 from fltool.run.metrics import MetricsLog
 from fltool.run.rundir import best_checkpoint, last_checkpoint
-from fltool.trainers.availability import RoundPlan, malicious_for_run, plan_round
+from fltool.trainers.availability import RoundPlan, malicious_for_run, plan_round, redraw_after_abort
 from fltool.trainers.evaluate import evaluate
 from fltool.trainers.privacy_budget import budget_for
 from fltool.trainers.progress import Progress, RunSummary, summarize
@@ -332,19 +332,25 @@ def train_federated(
         plan = plan_round(cfg, sizes, r, run_malicious)
         trained = [] if plan.skipped else plan.returned
         loss_sum, bytes_up = None, None
-        if trained:
+        while trained:
             global_now = [p.detach() for p in params]
             mine = round_clients(clients, plan, attack, dataset.num_classes)[comm.rank :: comm.world_size]
             malicious = malicious_mask(plan, attack, len(clients), r, device)
             try:
                 new, loss_sum, bytes_up = train_round(engine, algorithm, state, global_now, mine, r, cfg, comm, len(trained), attack, malicious)
-            except FltoolError as error:  # a SecAgg round with too few live shareholders: skip it, or fail
-                if type(error).__name__ != "SecAggAbort" or cfg.clients.on_too_few != "skip":
+            except FltoolError as error:  # a SecAgg round with too few live shareholders: draw it again, skip it, or fail
+                if type(error).__name__ != "SecAggAbort":
                     raise
+                again = redraw_after_abort(cfg, plan, sizes, r, run_malicious)
+                if again is not None:  # (nothing of the aborted draw was kept: the model and state are as before it)
+                    plan = again
+                    trained = [] if plan.skipped else plan.returned
+                    continue
                 warnings.warn(f"round {r} skipped: {error}", stacklevel=1)
                 new, loss_sum, bytes_up = global_now, None, None
             with torch.no_grad():
                 torch._foreach_copy_(global_now, new)
+            break
         n_total = sum(clients[k].n for k in trained)  # every rank knows every n_k
 
         row: dict[str, Any] = {

@@ -19,7 +19,10 @@ from fltool.errors import FltoolError
 from fltool.run.checkpoint import load_checkpoint
 from fltool.run.metrics import read_metrics
 from fltool.run.rundir import create_run_dir, last_checkpoint
+from fltool.trainers import availability
+from fltool.trainers.availability import plan_round
 from fltool.trainers.federated import train_federated
+from tests.conftest import train_maybe_interrupted
 
 
 def _uploads(m: int, seed: int = 0) -> list[tuple[torch.Tensor, Upload]]:
@@ -37,7 +40,9 @@ def _uploads(m: int, seed: int = 0) -> list[tuple[torch.Tensor, Upload]]:
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_secure_mean_equals_mean_within_quantisation_error(dropout: float) -> None:
     m = 10
-    cfg = SecAggConfig(enabled=True, num_shares=4, dropout=dropout)
+    # k = 6, t = 3: with the 4 of 10 that this seed drops, every client keeps 3 live
+    # shareholders whatever graph the OS draws, so the round never aborts
+    cfg = SecAggConfig(enabled=True, num_shares=6, dropout=dropout)
     secure, plain = SecureMeanAggregator(cfg, seed=0, round_=1), MeanAggregator(AggregatorConfig())
     for ids, up in _uploads(m):
         secure.add(ids, up)
@@ -120,7 +125,7 @@ def test_resume_with_secagg_is_exact(tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_too_few_shareholders_skip_the_round(tmp_path: Path) -> None:
+def test_too_few_shareholders_skip_the_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _cfg(tmp_path, True, rounds=1)
     cfg.secagg.dropout = 1.0  # everyone drops after sharing keys: nothing to unmask
     cfg.clients.on_too_few = "skip"
@@ -129,9 +134,29 @@ def test_too_few_shareholders_skip_the_round(tmp_path: Path) -> None:
     assert read_metrics(tmp_path)[0]["train_loss"] is None
     again = _cfg(tmp_path / "again", True, rounds=1)
     again.secagg.dropout = 1.0
-    again.clients.on_too_few = "resample"  # (resampling after an abort is not implemented: the run fails)
-    with pytest.raises(FltoolError, match="aborted"):
+    again.clients.on_too_few = "resample"  # every draw aborts: after MAX_ATTEMPTS draws the run fails
+    monkeypatch.setattr(availability, "MAX_ATTEMPTS", 3)
+    with pytest.raises(FltoolError, match="^round 1: secure aggregation aborted in all 3 draws"):
         train_federated(again, create_run_dir(again))
+
+
+def test_resample_after_an_abort_draws_the_round_again(tmp_path: Path) -> None:
+    """clients.on_too_few resample: an aborted round is drawn again (new cohort, its own
+    protocol dropouts, drawn per (round, client)) until its sum can be unmasked; the run
+    is reproducible and resumes bit for bit (the complete graph: aborts depend on the
+    seeded dropouts alone)."""
+    def cfg(name: str):
+        c = _cfg(tmp_path / name, True, rounds=3)
+        c.secagg.graph, c.secagg.dropout, c.secagg.min_inputs = "complete", 0.4, 7  # 7 of 10 must survive
+        return c
+
+    straight, rows, _ = train_maybe_interrupted(cfg("straight"))
+    first = [plan_round(cfg("x"), [1] * 20, r, []).sampled for r in (1, 2, 3)]
+    assert [r["client_ids"] for r in rows] != first  # some round was drawn again
+    assert all(r["secagg_contributors"] >= 7 and r["train_loss"] is not None for r in rows)
+    resumed, again, _ = train_maybe_interrupted(cfg("resumed"), interrupt_after=1)
+    assert all(torch.equal(straight.model[k], resumed.model[k]) for k in straight.model)
+    assert [r["client_ids"] for r in again] == [r["client_ids"] for r in rows]
 
 
 @pytest.mark.parametrize("algorithm", ["scaffold", "fedprox", "fednova", "fedadam"])

@@ -145,8 +145,10 @@ class SecureMeanAggregator:
             # a simulation diagnostic, not something the server learns: coordinates the range cut
             self.clipped += int((scaled.abs() > self.cfg.clipping_range).sum())
             encoded[cid] = quantize(scaled, self.cfg.clipping_range, self.cfg.quantization_range, coins)
-        dropped = generator_for(self.seed, "secagg-dropout", self.round)
-        gone = {cid for cid, u in zip(ids, torch.rand(m, generator=dropped).tolist()) if u < self.cfg.dropout}
+        # seeded by the round and its cohort: a resumed round repeats them, a cohort drawn
+        # again after an abort (clients.on_too_few resample) runs a fresh protocol, fresh dropouts
+        u = torch.rand(m, generator=generator_for(self.seed, "secagg-dropout", self.round, tuple(ids))).tolist()
+        gone = {cid for cid, draw in zip(ids, u, strict=True) if draw < self.cfg.dropout}
         return run_round(encoded, params, drop={"masked_input": gone}, keep_vectors=False)
 
     def metrics(self) -> dict[str, Any]:
