@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -36,7 +37,7 @@ def check_model_fits(cfg: Config) -> None:
     if cfg.data.class_path or (cfg.model.class_path and cfg.model.class_path not in MODELS):
         check_user_model(cfg, shape, classes)
         return
-    if _takes(cfg.model, shape, classes):
+    if _takes(cfg.model, shape, classes, meta=False):
         return
     side = next((s for s in range(1, LARGEST_SIDE_TRIED + 1) if _takes(cfg.model, (shape[0], s, s), classes)), None)
     need = f"inputs of at least {side}x{side}" if side else "larger inputs"
@@ -67,14 +68,21 @@ def check_user_model(cfg: Config, shape: tuple[int, ...], classes: int) -> None:
         )
 
 
-def _takes(name: str | ModelConfig, shape: tuple[int, ...], classes: int) -> bool:
+def _takes(name: str | ModelConfig, shape: tuple[int, ...], classes: int, meta: bool = True) -> bool:
     """Whether model `name` runs on one input of `shape`: a forward pass on the meta
-    device, which checks every shape and computes nothing."""
-    with torch.device("meta"), warnings.catch_warnings():
+    device, which checks every shape and computes nothing, or with `meta=False` a real
+    one on the CPU (eval mode, the global RNG left as it was). The data's own shape is
+    tried for real: on meta, PyTorch's Python decompositions import sympy and
+    torch._dynamo, seconds of every run's start-up; a built-in model's one-input
+    forward costs milliseconds."""
+    # not a torch.device("cpu") context: its __torch_function__ mode slows every op
+    device = torch.device("meta") if meta else contextlib.nullcontext()
+    with device, warnings.catch_warnings(), torch.random.fork_rng(devices=[], enabled=not meta), torch.no_grad():
         warnings.simplefilter("ignore")  # a Linear of zero inputs warns when built
         model = build_model(name, shape, classes)
+        model.eval()
         try:
-            model(torch.empty(1, *shape))
+            model(torch.zeros(1, *shape))
         except RuntimeError:
             return False
     return True
