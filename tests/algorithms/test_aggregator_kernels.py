@@ -90,3 +90,18 @@ def test_reduce_sorted_over_chosen_rows(dtype):
     rows = torch.tensor([0, 2, 3, 7])
     got = reduce_sorted(stacked, lambda ordered: ordered[1:3].sum(dim=0), rows=rows)
     torch.testing.assert_close(got, stacked[rows].sort(dim=0).values[1:3].sum(dim=0))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_reduce_sorted_is_the_same_on_any_number_of_threads(threads):
+    """The blocks go to a thread pool when torch has more than one thread (the suite runs
+    with one: OMP_NUM_THREADS=1), and come back in column order."""
+    stacked = torch.randn(7, 3 * COLUMNS_PER_BLOCK + 5, generator=torch.Generator().manual_seed(threads))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = reduce_sorted(stacked, lambda ordered: ordered[2:5].mean(dim=0), rows=torch.tensor([0, 2, 3, 5, 6]))
+    finally:
+        torch.set_num_threads(before)
+    expected = stacked[[0, 2, 3, 5, 6]].sort(dim=0).values[2:5].mean(dim=0)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -54,18 +54,19 @@ def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     return path
 
 
-def cli_env(**extra: str) -> dict[str, str]:
+def cli_env(**extra: str | None) -> dict[str, str]:
+    """The test process's environment for a CLI subprocess; an `extra` of None removes the variable."""
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK")}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
+    env.update({k: v for k, v in extra.items() if v is not None})
+    return {k: v for k, v in env.items() if extra.get(k, "") is not None}
 
 
 def fltool_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "fltool", *args]
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path, timeout: float = 180, **env: str | None) -> subprocess.CompletedProcess:
     return subprocess.run(
         fltool_cmd(*args), cwd=cwd, env=cli_env(**env), capture_output=True, text=True, timeout=timeout
     )

@@ -31,7 +31,7 @@ def _single_process(run_dir: Path, raw: dict) -> Path:
     return start_run(config_from_dict(raw), PlainReporter("epoch" if raw["mode"] == "ddp" else "round")).run_dir
 
 
-def _launch(tmp: Path, name: str, raw: dict, *flags: str, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
+def _launch(tmp: Path, name: str, raw: dict, *flags: str, **env: str | None) -> tuple[subprocess.CompletedProcess, Path]:
     cfg = write_config(tmp / f"{name}.yaml", raw)
     run_dir = tmp / name
     done = run_cli("launch", *flags, str(cfg), f"output.run_dir={run_dir}", cwd=tmp, **env)
@@ -322,7 +322,8 @@ def test_dp_under_launch_equals_one_process(tmp_path, noise_source: str):
                "noise_source": noise_source},
     }
     raw["federated"] = {**raw["federated"], "engine": "vectorized", "fraction": 0.5, "sampling": "poisson", "rounds": 3}
-    done, two = _launch(tmp_path, "two", raw, "--nproc", "2")
+    # without OMP_NUM_THREADS (the test suite sets it), torchrun prints its banner about it
+    done, two = _launch(tmp_path, "two", raw, "--nproc", "2", OMP_NUM_THREADS=None)
     assert done.returncode == 0, done.stderr
     assert "OMP_NUM_THREADS" not in done.stdout + done.stderr  # torchrun's banner, dropped
     rows = read_metrics(two)
