@@ -10,8 +10,12 @@ masked input arrived (U3), and divides: sum_{U3} w_k x_k / W_U3, a weighted mean
 
 The weights w_k (example counts) are treated as public, as in Flower's SecAgg+; the
 protocol hides the update vectors. Randomness: keys, seeds and the neighbour graph come
-from the OS; the stochastic rounding and the simulated protocol dropouts from the
-experiment seed, so runs repeat exactly (the masks cancel exactly).
+from the OS; the stochastic rounding and the simulated protocol dropouts (per round and
+cohort) from the experiment seed, so runs repeat exactly (the masks cancel exactly),
+unless a round aborts for want of live shareholders, which depends on the OS's graph.
+
+Under `fltool launch` the ranks all-gather their clients' rows and rank 0 alone runs the
+protocol, then sends U3 and the unmasked sum (or the abort) to the others.
 """
 
 from __future__ import annotations
