@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fltool.run.runs_table import RunInfo, find_run_dirs, run_info
+from fltool.run.runs_table import RunInfo, find_run_dirs, read_rows, run_info
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "paper" / "mcmahan2017"
@@ -63,6 +63,7 @@ GRIDS: dict[str, list[str]] = {
 class LrResult:
     lr: str
     runs: list[RunInfo]
+    diverged: list[int | None]  # per run: the first round whose test loss was NaN or inf
 
     @property
     def reached(self) -> list[int]:
@@ -76,7 +77,8 @@ class LrResult:
 
     def cell_text(self) -> str:
         """`31`, `31.5 (2 seeds)`, or `>200 (0.9650)`: the target missed in 200 rounds, the best
-        accuracy instead; `>=` while a run is unfinished (it may still reach it)."""
+        accuracy instead; `>=` while a run is unfinished (it may still reach it); `diverged
+        (NaN) at round 26 (0.9179)`."""
         if not self.runs:
             return "not run"
         if self.mean_round is not None:
@@ -89,6 +91,9 @@ class LrResult:
         mark = ">=" if unfinished else ">"
         acc = f" ({best:.4f})" if best is not None else ""
         reached = f", {len(self.reached)}/{len(self.runs)} seeds reached" if self.reached else ""
+        nan = [d for r, d in zip(self.runs, self.diverged) if r.target_round is None and d is not None]
+        if len(nan) == len(missed):  # the rounds it ran say nothing more once the loss is NaN
+            return f"diverged (NaN) at round {min(nan)}{acc}{reached}"
         return f"{mark}{done}{acc}{reached}" + (" unfinished" if unfinished else "")
 
 
@@ -130,8 +135,17 @@ def read_cell(results: Path, cell: str) -> list[LrResult]:
     dirs = sorted(base.glob("lr=*"), key=lambda p: float(p.name[3:])) if base.is_dir() else []
     for d in dirs:
         found, _skipped = find_run_dirs(d)
-        out.append(LrResult(d.name[3:], [run_info(p) for p in found]))
+        out.append(LrResult(d.name[3:], [run_info(p) for p in found], [first_nan(p) for p in found]))
     return out
+
+
+def first_nan(run_dir: Path) -> int | None:
+    """The first evaluated round whose test loss is not finite: the run diverged there.
+    (metrics.jsonl writes NaN as null, so an evaluated row with a null loss is one.)"""
+    for row in read_rows(run_dir):
+        if row.get("test_accuracy") is not None and row.get("test_loss") is None:
+            return row.get("round")
+    return None
 
 
 def best_of(results: list[LrResult]) -> LrResult | None:

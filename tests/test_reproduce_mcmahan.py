@@ -47,12 +47,16 @@ def test_cells_are_chosen_by_model_or_name():
         m.select_cells("nope")
 
 
-def fake_run(path: Path, accuracies: list[float], rounds: int = 200, target: float = 0.97) -> None:
-    """A run directory as fltool writes it, as far as `fltool runs` reads one."""
+def fake_run(path: Path, accuracies: list[float], rounds: int = 200, target: float = 0.97, nan_from: int = 0) -> None:
+    """A run directory as fltool writes it, as far as `fltool runs` reads one; from round
+    `nan_from` on its loss is NaN, which metrics.jsonl writes as null."""
     path.mkdir(parents=True)
     cfg = {"name": "x", "mode": "federated", "federated": {"rounds": rounds}, "eval": {"target_accuracy": target}}
     (path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    rows = [{"round": i + 1, "test_accuracy": a, "elapsed_s": float(i)} for i, a in enumerate(accuracies)]
+    rows = [
+        {"round": i + 1, "test_accuracy": a, "test_loss": None if nan_from and i + 1 >= nan_from else 0.1, "elapsed_s": float(i)}
+        for i, a in enumerate(accuracies)
+    ]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -62,13 +66,15 @@ def test_the_best_lr_is_the_fewest_rounds_every_seed_reached(tmp_path: Path):
     fake_run(cell / "lr=0.1" / "000", [0.9, 0.975])  # round 2, but its second seed missed
     fake_run(cell / "lr=0.1" / "001", [0.9, 0.95, 0.96], rounds=3)
     fake_run(cell / "lr=0.2" / "000", [0.5, 0.6], rounds=5)  # unfinished: no checkpoint, status failed
+    fake_run(cell / "lr=0.4" / "000", [0.9, 0.95, 0.0, 0.0], rounds=4, nan_from=3)
     results = m.read_cell(tmp_path, "2nn_fedavg_e1_b10_iid")
-    assert [r.lr for r in results] == ["0.05", "0.1", "0.2"]
+    assert [r.lr for r in results] == ["0.05", "0.1", "0.2", "0.4"]
     assert m.best_of(results).lr == "0.05"
     text = m.table(tmp_path, ["2nn_fedavg_e1_b10_iid", "2nn_fedsgd_iid"])
     line = next(ln for ln in text.splitlines() if ln.startswith("2nn_fedavg_e1_b10_iid"))
     assert line.split()[:5] == ["2nn_fedavg_e1_b10_iid", "87", "3", f"{3 / 87:.2f}", "0.05"]
     assert "0.1: >3 (0.9600), 1/2 seeds reached" in line and "0.2: >=2 (0.6000) unfinished" in line
+    assert "0.4: diverged (NaN) at round 3 (0.9500)" in line
     assert "not run" in next(ln for ln in text.splitlines() if ln.startswith("2nn_fedsgd_iid"))
 
 
