@@ -3,7 +3,8 @@
 Every run directory found under the arguments is read (config.yaml and metrics.jsonl).
 Runs whose configs differ only in `seed` (and output.*) are one setting, drawn as the
 mean over its seeds with a band of ± one (sample) standard deviation; the legend names
-each setting by the config keys that differ between the plotted settings. With --metric
+each setting by the config keys that differ between the plotted settings (by its `name`
+alone when the settings' names differ). With --metric
 test_accuracy, each eval.target_accuracy is a dashed horizontal line. --x bytes_up is
 the cumulative bytes uploaded. The -o suffix picks the format: .png or .svg. matplotlib
 is imported here only, with the Agg backend (install: pip install 'fltool[plot]')."""
@@ -105,10 +106,15 @@ def curves(runs: list[Run], metric: str, x: str) -> tuple[list[Curve], list[str]
     groups: dict[str, list[Run]] = {}
     for run in runs:
         groups.setdefault(repr(sorted(setting_key(run.config).items(), key=lambda kv: kv[0])), []).append(run)
+    # settings of differently named configs (one per paper cell, say) are told apart by name
+    # alone: the keys that make them differ would crowd the plot out of the figure
+    by_name = "name" in differing and len({repr(g[0].config.get("name")) for g in groups.values()}) == len(groups)
     out = []
     for members in groups.values():
         cfg = members[0].config
         label = ", ".join(f"{k}={_short(cfg.get(k))}" for k in differing) or str(cfg.get("name", members[0].dir.name))
+        if by_name:
+            label = str(cfg.get("name"))
         if len(members) > 1:
             label += f" (mean ± std, {len(members)} seeds)"
         per_run = [series(r, metric, x) for r in members]

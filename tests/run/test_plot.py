@@ -61,6 +61,16 @@ def test_single_runs_and_other_keys(tmp_path, make_config):
     assert text.startswith("<?xml") and "<svg" in text
 
 
+def test_differently_named_settings_are_labelled_by_name(tmp_path, make_config):
+    a = fake_run(tmp_path / "a", make_config(name="fedsgd_iid", federated={"lr": 0.5, "batch_size": None}), [0.1, 0.2])
+    b = fake_run(tmp_path / "b", make_config(name="fedavg_noniid", data={"partition": "shards"}), [0.3, 0.4])
+    result = plot_runs([a, b], out=tmp_path / "plot.png")
+    assert result.labels == ["fedsgd_iid", "fedavg_noniid"] and "federated.lr" in result.differing
+    # two settings of one name (an lr sweep of one config) still show what differs
+    c = fake_run(tmp_path / "c", make_config(name="fedsgd_iid", federated={"lr": 0.2, "batch_size": None}), [0.1, 0.3])
+    assert plot_runs([a, b, c], out=tmp_path / "plot.png").labels[0].startswith("name=fedsgd_iid, ")
+
+
 def test_bad_arguments_are_one_line_errors(sweep, tmp_path):
     with pytest.raises(FltoolError, match="expected .png or .svg"):
         plot_runs([sweep], out=tmp_path / "plot.jpg")
