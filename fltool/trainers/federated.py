@@ -381,13 +381,14 @@ def train_federated(
         decision = progress.decide(r, row["test_accuracy"])
         log.rows.append(row)
         if comm.is_main:
-            if decision.save_last or decision.save_best:
+            if decision.save_last:
                 extra = {**engine_state(engine), "algorithm": state.state_dict()}
-                ckpt = make_checkpoint(cfg, model, r, log.rows, progress.best, extra)
-                if decision.save_last:
-                    save_checkpoint(ckpt, last_checkpoint(run_dir))
-                if decision.save_best:
-                    save_checkpoint(ckpt, best_checkpoint(run_dir))
+                save_checkpoint(make_checkpoint(cfg, model, r, log.rows, progress.best, extra), last_checkpoint(run_dir))
+            if decision.save_best:
+                # the model to evaluate, without the training state that only a resume
+                # (from last.pt) reads: per-client tables (SCAFFOLD's c_i, top-k
+                # residuals) reach gigabytes at K = 1,000 and would be written twice
+                save_checkpoint(make_checkpoint(cfg, model, r, log.rows, progress.best), best_checkpoint(run_dir))
             # after the checkpoint: the metrics on disk never run ahead of it, and a
             # checkpoint carries its own rows, so an interrupt in between loses nothing
             log.flush()

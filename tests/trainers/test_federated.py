@@ -67,6 +67,7 @@ def test_checkpoint_is_plain_data_loadable_with_weights_only(make_config):
     assert last["round"] == 3 and len(last["metrics"]) == 3
     best = torch.load(best_checkpoint(run_dir), weights_only=True)
     assert best["best_accuracy"] == max(r["test_accuracy"] for r in last["metrics"])
+    assert "algorithm" in last["extra"] and best["extra"] == {}  # best.pt: the model to evaluate, no training state
 
 
 def interrupted_run(cfg, after_round: int) -> Path:
