@@ -6,8 +6,8 @@ in `init_args` gets the data's, so one class serves several datasets. The built-
 (`mlp`, `cnn`, ...) are aliases: `class_path: cnn_cifar` is `name: cnn_cifar`.
 
 The model's forward takes a batch of inputs [B, ...] and returns logits [B, classes];
-the loss is classification cross-entropy. `check_model_fits` runs it on the meta device
-before training, so a wrong constructor or output shape is one line, not a crash in
+the loss is classification cross-entropy. `check_model_fits` runs it on a batch of two
+inputs on the CPU before training, so a wrong constructor or output shape is one line, not a crash in
 round 1. For the engines: BatchNorm keeps running statistics that one stacked forward
 cannot update per client, so `engine: auto` trains such a model sequentially; use
 GroupNorm (no running statistics) to keep the vectorized engine.
