@@ -46,8 +46,8 @@ PAPER_ROUNDS: dict[str, int] = {
 # Default lr grid per cell: factors of 2 around where the cell trains well. FedSGD takes one
 # full-batch step per round, so it wants a larger lr than FedAvg's B=10 steps.
 GRIDS: dict[str, list[str]] = {
-    "2nn_fedsgd_iid": ["0.1", "0.2", "0.5"],
-    "2nn_fedsgd_noniid": ["0.1", "0.2", "0.5"],
+    "2nn_fedsgd_iid": ["0.2", "0.5", "1.0"],
+    "2nn_fedsgd_noniid": ["0.2", "0.5", "1.0"],
     "2nn_fedavg_e1_b10_iid": ["0.05", "0.1", "0.2", "0.4"],
     "2nn_fedavg_e1_b10_noniid": ["0.05", "0.1", "0.2"],
     "cnn_fedsgd_iid": ["0.05", "0.1", "0.2", "0.5"],
