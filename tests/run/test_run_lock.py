@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from fltool.cli import app
 from fltool.config import dump_config
 from fltool.errors import FltoolError
+from fltool.run.checkpoint import load_checkpoint
 from fltool.run.metrics import read_metrics
 from fltool.run.rundir import run_lock
 
@@ -74,5 +75,8 @@ def test_a_killed_holder_leaves_no_stale_lock(make_config, tmp_path: Path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
-    done = CliRunner().invoke(app, ["train", "--resume", str(run_dir), "federated.rounds=5"])
+    # however far it got before the kill (rounds are fast: often past 3), two rounds more
+    trained = load_checkpoint(run_dir / "checkpoints" / "last.pt").round
+    done = CliRunner().invoke(app, ["train", "--resume", str(run_dir), f"federated.rounds={trained + 2}"])
     assert done.exit_code == 0, done.output
+    assert [r["round"] for r in read_metrics(run_dir)] == list(range(1, trained + 3))
