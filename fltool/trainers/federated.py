@@ -279,6 +279,23 @@ def store_client_rows(store: ClientStore, new_rows: list[tuple[Tensor, Stacked]]
     store.write(ids, rows)
 
 
+def all_finite(params: Sequence[Tensor]) -> Tensor:
+    """A bool scalar on the parameters' device, True when none holds a NaN or an inf;
+    no host sync."""
+    return torch.stack([p.detach().isfinite().all() for p in params]).all()
+
+
+def read_round(loss_sum: Tensor, bytes_up: Tensor, finite: Tensor) -> tuple[float, float, bool]:
+    """(loss sum, bytes up, finite) on the host, in one sync (float32 and float64
+    widen to float64 exactly: the values are those `.item()` reads)."""
+    loss, sent, ok = torch.stack([t.to(torch.float64) for t in (loss_sum, bytes_up, finite)]).tolist()
+    return loss, sent, ok == 1.0
+
+
+def diverged(round_: int) -> str:
+    return f"diverged: the global model has non-finite parameters after round {round_}"
+
+
 def train_federated(
     cfg: Config,
     run_dir: Path,
@@ -317,9 +334,12 @@ def train_federated(
             # metrics files leaves those a round behind, even when nothing is left to train
             log.flush()
         start = progress.first(resume.round, log.rows)
+    stopped = None
+    if resume is not None and not all_finite(params).item():  # (one sync, at set-up)
+        # a run that diverged stops again, training no NaN rounds, whatever its new round cap
+        stopped, start = diverged(resume.round), fed.rounds + 1
     elapsed0 = log.rows[-1]["elapsed_s"] if log.rows else 0.0
     t0 = time.perf_counter()
-    stopped = None
 
     for r in range(start, fed.rounds + 1):
         if budget is not None and cfg.dp.max_epsilon is not None and budget.epsilon(r) > cfg.dp.max_epsilon:
@@ -352,24 +372,30 @@ def train_federated(
                 torch._foreach_copy_(global_now, new)
             break
         n_total = sum(clients[k].n for k in trained)  # every rank knows every n_k
+        # the round's one host sync: its loss, its bytes and whether the new global model
+        # is finite. Every rank holds the same global model, so under `launch` each one
+        # decides a divergence stop identically, without a collective.
+        loss, sent, finite = (None, 0.0, True) if loss_sum is None else read_round(loss_sum, bytes_up, all_finite(params))
+        if not finite:
+            stopped = diverged(r)
 
         row: dict[str, Any] = {
             "round": r,
             "clients": len(plan.sampled),
             "client_ids": plan.sampled,
             **plan_columns(cfg, plan),
-            "train_loss": None if loss_sum is None else loss_sum.item() / n_total,
+            "train_loss": None if loss is None else loss / n_total,
             "test_loss": None,
             "test_accuracy": None,
         }
-        if progress.evaluates(r):
+        if progress.evaluates(r, last=not finite):
             # Every rank evaluates the same global model, so a target-accuracy stop is
             # decided identically everywhere without another collective.
             ev = evaluate(model, dataset.test, cfg.eval.batch_size, dataset.num_classes)
             row["test_loss"], row["test_accuracy"] = ev.loss, ev.accuracy
         row["wall_s"] = time.perf_counter() - t_round
         row["elapsed_s"] = elapsed0 + time.perf_counter() - t0
-        row["bytes_up"] = 0 if bytes_up is None else round(bytes_up.item())
+        row["bytes_up"] = round(sent)
         row["bytes_down"] = len(plan.sampled) * model_bytes
         if cfg.secagg.enabled:
             row.update(state.__dict__.pop("secagg_metrics", {}))
@@ -378,7 +404,7 @@ def train_federated(
             if cfg.dp.adaptive_clipping:
                 row["dp_clip_norm"] = state.privacy.clip_norm.item()  # (the norm the next round clips to)
 
-        decision = progress.decide(r, row["test_accuracy"])
+        decision = progress.decide(r, row["test_accuracy"], last=not finite)  # (a diverged round: the last)
         log.rows.append(row)
         if comm.is_main:
             if decision.save_last:

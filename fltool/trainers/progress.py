@@ -30,7 +30,7 @@ class RunSummary:
 class Decision:
     save_last: bool  # the run's last.pt: due by output.checkpoint_every, final, or at the target
     save_best: bool  # best.pt: the accuracy improved
-    stop: bool  # the target accuracy was met
+    stop: bool  # the target accuracy was met, or the run stops after this round (it diverged)
 
 
 class Progress:
@@ -50,17 +50,20 @@ class Progress:
             return self.total + 1
         return last_done + 1
 
-    def evaluates(self, index: int) -> bool:
-        return index % self.eval_every == 0 or index == self.total
+    def evaluates(self, index: int, last: bool = False) -> bool:
+        """Every eval.every-th round (epoch), and the last: the planned one, or `last`,
+        one the run stops after (a diverged model's)."""
+        return index % self.eval_every == 0 or index == self.total or last
 
-    def decide(self, index: int, accuracy: float | None) -> Decision:
+    def decide(self, index: int, accuracy: float | None, last: bool = False) -> Decision:
+        """With `last`, the run stops after `index` (it diverged): checkpointed as its
+        final round, so that a resume starts from where it stopped."""
         reached = self.target is not None and accuracy is not None and accuracy >= self.target
         improved = accuracy is not None and (self.best is None or accuracy > self.best)
         if improved:
             self.best = accuracy
-        due = index % self.checkpoint_every == 0 or index == self.total or reached
-        return Decision(save_last=due, save_best=improved, stop=reached)
-
+        due = index % self.checkpoint_every == 0 or index == self.total or reached or last
+        return Decision(save_last=due, save_best=improved, stop=reached or last)
 
 
 def target_reached_at(rows: list[dict[str, Any]], unit: str, target: float | None) -> int | None:
