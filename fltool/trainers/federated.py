@@ -30,7 +30,7 @@ from fltool.data import data_shape, load_dataset, natural_clients, partition
 from fltool.devices import keep_freed_host_memory, resolve_device
 from fltool.distributed.comm import Comm
 from fltool.engines import ClientData, CohortJob, Engine, VectorizedEngine, make_engine
-from fltool.errors import FltoolError
+from fltool.errors import FltoolError, RoundAborted
 from fltool.models import build_model
 from fltool.models.setup import seeded_model
 from fltool.run.checkpoint import Checkpoint, make_checkpoint, save_checkpoint
@@ -358,9 +358,7 @@ def train_federated(
             malicious = malicious_mask(plan, attack, len(clients), r, device)
             try:
                 new, loss_sum, bytes_up = train_round(engine, algorithm, state, global_now, mine, r, cfg, comm, len(trained), attack, malicious)
-            except FltoolError as error:  # a SecAgg round with too few live shareholders: draw it again, skip it, or fail
-                if type(error).__name__ != "SecAggAbort":
-                    raise
+            except RoundAborted as error:  # a SecAgg round with too few live shareholders: draw it again, skip it, or fail
                 again = redraw_after_abort(cfg, plan, sizes, r, run_malicious)
                 if again is not None:  # (nothing of the aborted draw was kept: the model and state are as before it)
                     plan = again

@@ -288,3 +288,40 @@ def test_a_checkpoint_without_this_algorithms_state_is_refused_on_resume(make_co
     assert info.value.lines == [
         f"{path}: checkpoint field 'extra[\"algorithm\"][\"server\"]' does not match this run's algorithm state"
     ]
+
+
+@pytest.mark.parametrize("on_too_few", ["skip", "resample"])
+def test_a_round_aborted_is_drawn_again_or_skipped_and_other_errors_fail(make_config, monkeypatch, on_too_few):
+    """The trainer catches `RoundAborted` (from fltool.errors; SecAgg's abort is one)
+    without importing the secagg package; any other error still fails the run."""
+    import fltool.trainers.federated as federated
+    from fltool.algorithms.secagg import SecAggAbort
+    from fltool.errors import FltoolError, RoundAborted
+
+    assert issubclass(SecAggAbort, RoundAborted) and issubclass(RoundAborted, FltoolError)
+    real_train_round, calls, cohorts = federated.train_round, [], []
+
+    def abort_round_2_once(*args, **kwargs):
+        calls.append(args[5])
+        cohorts.append([c.id for c in args[4]])
+        if calls.count(2) == 1 and args[5] == 2:
+            raise SecAggAbort("secagg: round aborted (simulated)")
+        return real_train_round(*args, **kwargs)
+
+    monkeypatch.setattr(federated, "train_round", abort_round_2_once)
+    cfg = make_config(clients={"on_too_few": on_too_few})
+    if on_too_few == "skip":
+        with pytest.warns(UserWarning, match="round 2 skipped: secagg: round aborted"):
+            rows = read_metrics(run(cfg))
+        assert calls == [1, 2, 3] and rows[1]["train_loss"] is None and rows[1]["bytes_up"] == 0
+    else:
+        rows = read_metrics(run(cfg))
+        assert calls == [1, 2, 2, 3] and rows[1]["train_loss"] > 0
+        assert cohorts[1] != cohorts[2] and rows[1]["client_ids"] == sorted(cohorts[2])  # the second draw trained
+
+    def fail(*args, **kwargs):
+        raise FltoolError("not an abort")
+
+    monkeypatch.setattr(federated, "train_round", fail)
+    with pytest.raises(FltoolError, match="not an abort"):
+        run(cfg)

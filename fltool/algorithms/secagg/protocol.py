@@ -32,14 +32,15 @@ from torch import Tensor
 from fltool.algorithms.secagg import crypto, shamir
 from fltool.algorithms.secagg.encoding import reduce_mod
 from fltool.algorithms.secagg.graph import neighbour_graph
-from fltool.errors import FltoolError
+from fltool.errors import RoundAborted
 
 STAGES = ("advertise", "share_keys", "masked_input", "unmask")
 SERVER = -1
 
 
-class SecAggAbort(FltoolError):
-    """Too few clients survived a stage to finish the round without revealing anyone."""
+class SecAggAbort(RoundAborted):
+    """Too few clients survived a stage to finish the round without revealing anyone
+    (a `RoundAborted`, which the trainer catches without importing this package)."""
 
 
 @dataclass(frozen=True)
