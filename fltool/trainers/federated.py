@@ -40,6 +40,7 @@ from fltool.trainers.availability import RoundPlan, malicious_for_run, plan_roun
 from fltool.trainers.evaluate import evaluate
 from fltool.trainers.privacy_budget import budget_for
 from fltool.trainers.progress import Progress, RunSummary, summarize
+from fltool.trainers.rows import read_round, round_row, server_columns
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
@@ -250,19 +251,32 @@ def malicious_mask(plan: RoundPlan, attack: Attack | None, num_clients: int, rou
     return mask.to(device)
 
 
-def plan_columns(cfg: Config, plan: RoundPlan) -> dict[str, Any]:
-    """The metrics columns of the faults this run simulates (none without faults)."""
-    faults = cfg.clients
-    row: dict[str, Any] = {}
-    if faults.dropout > 0 or faults.stragglers > 0:
-        row.update(returned=len(plan.returned), attempts=plan.attempts, skipped=plan.skipped)
-    if faults.dropout > 0:
-        row["dropped_ids"] = plan.dropped
-    if faults.stragglers > 0:
-        row["straggler_ids"] = sorted(plan.stragglers)
-    if cfg.attack.name != "none":
-        row["malicious_ids"] = plan.malicious
-    return row
+def train_or_redraw(
+    cfg: Config, round_: int, plan: RoundPlan, params: list[Tensor], engine: Engine, algorithm: FedAvg, state: FederatedState,
+    clients: Sequence[ClientData], comm: Comm, attack: Attack | None, num_classes: int, run_malicious: list[int],
+) -> tuple[RoundPlan, Tensor | None, Tensor | None]:
+    """Train round `round_`'s draw `plan` into the global model `params` (in place): the
+    plan that trained, its cohort's loss sum and bytes up (None, None: the round was
+    skipped). A round that aborts (`RoundAborted`: a SecAgg round with too few live
+    shareholders) keeps nothing, so the model and state are as before it; it is drawn
+    again, skipped with a warning, or fails, as `redraw_after_abort` says."""
+    while plan.returned and not plan.skipped:
+        global_now = [p.detach() for p in params]
+        mine = round_clients(clients, plan, attack, num_classes)[comm.rank :: comm.world_size]
+        malicious = malicious_mask(plan, attack, len(clients), round_, global_now[0].device)
+        try:
+            new, loss_sum, bytes_up = train_round(engine, algorithm, state, global_now, mine, round_, cfg, comm, len(plan.returned), attack, malicious)
+        except RoundAborted as error:
+            again = redraw_after_abort(cfg, plan, [c.n for c in clients], round_, run_malicious)
+            if again is None:
+                warnings.warn(f"round {round_} skipped: {error}", stacklevel=1)
+                return plan, None, None
+            plan = again
+            continue
+        with torch.no_grad():
+            torch._foreach_copy_(global_now, new)
+        return plan, loss_sum, bytes_up
+    return plan, None, None
 
 
 def store_client_rows(store: ClientStore, new_rows: list[tuple[Tensor, Stacked]], comm: Comm) -> None:
@@ -283,13 +297,6 @@ def all_finite(params: Sequence[Tensor]) -> Tensor:
     """A bool scalar on the parameters' device, True when none holds a NaN or an inf;
     no host sync."""
     return torch.stack([p.detach().isfinite().all() for p in params]).all()
-
-
-def read_round(loss_sum: Tensor, bytes_up: Tensor, finite: Tensor) -> tuple[float, float, bool]:
-    """(loss sum, bytes up, finite) on the host, in one sync (float32 and float64
-    widen to float64 exactly: the values are those `.item()` reads)."""
-    loss, sent, ok = torch.stack([t.to(torch.float64) for t in (loss_sum, bytes_up, finite)]).tolist()
-    return loss, sent, ok == 1.0
 
 
 def diverged(round_: int) -> str:
@@ -350,42 +357,17 @@ def train_federated(
             break
         t_round = time.perf_counter()
         plan = plan_round(cfg, sizes, r, run_malicious)
-        trained = [] if plan.skipped else plan.returned
-        loss_sum, bytes_up = None, None
-        while trained:
-            global_now = [p.detach() for p in params]
-            mine = round_clients(clients, plan, attack, dataset.num_classes)[comm.rank :: comm.world_size]
-            malicious = malicious_mask(plan, attack, len(clients), r, device)
-            try:
-                new, loss_sum, bytes_up = train_round(engine, algorithm, state, global_now, mine, r, cfg, comm, len(trained), attack, malicious)
-            except RoundAborted as error:  # a SecAgg round with too few live shareholders: draw it again, skip it, or fail
-                again = redraw_after_abort(cfg, plan, sizes, r, run_malicious)
-                if again is not None:  # (nothing of the aborted draw was kept: the model and state are as before it)
-                    plan = again
-                    trained = [] if plan.skipped else plan.returned
-                    continue
-                warnings.warn(f"round {r} skipped: {error}", stacklevel=1)
-                new, loss_sum, bytes_up = global_now, None, None
-            with torch.no_grad():
-                torch._foreach_copy_(global_now, new)
-            break
-        n_total = sum(clients[k].n for k in trained)  # every rank knows every n_k
+        plan, loss_sum, bytes_up = train_or_redraw(
+            cfg, r, plan, params, engine, algorithm, state, clients, comm, attack, dataset.num_classes, run_malicious
+        )
         # the round's one host sync: its loss, its bytes and whether the new global model
         # is finite. Every rank holds the same global model, so under `launch` each one
         # decides a divergence stop identically, without a collective.
         loss, sent, finite = (None, 0.0, True) if loss_sum is None else read_round(loss_sum, bytes_up, all_finite(params))
         if not finite:
             stopped = diverged(r)
-
-        row: dict[str, Any] = {
-            "round": r,
-            "clients": len(plan.sampled),
-            "client_ids": plan.sampled,
-            **plan_columns(cfg, plan),
-            "train_loss": None if loss is None else loss / n_total,
-            "test_loss": None,
-            "test_accuracy": None,
-        }
+        n_total = sum(clients[k].n for k in plan.returned)  # every rank knows every n_k
+        row = round_row(cfg, r, plan, None if loss is None else loss / n_total, sent, model_bytes)
         if progress.evaluates(r, last=not finite):
             # Every rank evaluates the same global model, so a target-accuracy stop is
             # decided identically everywhere without another collective.
@@ -393,14 +375,7 @@ def train_federated(
             row["test_loss"], row["test_accuracy"] = ev.loss, ev.accuracy
         row["wall_s"] = time.perf_counter() - t_round
         row["elapsed_s"] = elapsed0 + time.perf_counter() - t0
-        row["bytes_up"] = round(sent)
-        row["bytes_down"] = len(plan.sampled) * model_bytes
-        if cfg.secagg.enabled:
-            row.update(state.__dict__.pop("secagg_metrics", {}))
-        if budget is not None:
-            row.update(epsilon=budget.epsilon(r), dp_delta=budget.delta, dp_noise_multiplier=budget.noise_multiplier, dp_sampling=fed.sampling)
-            if cfg.dp.adaptive_clipping:
-                row["dp_clip_norm"] = state.privacy.clip_norm.item()  # (the norm the next round clips to)
+        row.update(server_columns(cfg, r, state, budget))
 
         decision = progress.decide(r, row["test_accuracy"], last=not finite)  # (a diverged round: the last)
         log.rows.append(row)
