@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Iterator
@@ -245,6 +246,10 @@ def main(argv: list[str] | None = None) -> None:
             command = exc.ctx.command_path if exc.ctx is not None else "fltool"
             typer.echo(f"error: {command}: {exc.format_message()} (see `{command} --help`)", err=True)
         code = exc.exit_code
+    # Everything is written and flushed by now. At exit the interpreter's last garbage
+    # collections walk every object torch's import made (0.45 s of a 4 s run on a 2-core
+    # VM); frozen objects are skipped, and nothing of ours needs collecting any more.
+    gc.freeze()
     sys.exit(code or 0)
 
 
