@@ -9,6 +9,7 @@ so all ranks agree on names, paths and overrides. If RUN_DIR holds a last checkp
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -80,3 +81,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    gc.freeze()  # as `fltool.cli.main`: the exit's collections would walk all of torch's objects
