@@ -20,11 +20,14 @@ import itertools
 import math
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,13 +222,49 @@ def child_env(jobs: int) -> dict[str, str]:
 
 
 def spawn_process(cmd: list[str], log: Any, env: dict[str, str]) -> subprocess.Popen:
-    # its own session: a Ctrl-C reaches the sweep alone, which passes one SIGINT on to each run
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    # its own session: a Ctrl-C reaches the sweep alone, which passes one SIGINT on to each run.
+    # A sweep started in the background of a script ignores SIGINT, and exec would pass that
+    # on: the runs get it back, so the SIGINT the sweep sends them still stops them cleanly.
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    return subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+        preexec_fn=_default_sigint if ignored else None,  # (the sweep starts no threads: preexec_fn is safe)
+    )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops the sweep as Ctrl-C does: its runs are asked to stop at a round
+    boundary and the summary is written. Without this, `kill` ended the sweep alone and
+    its runs, each in a session of its own, trained on as orphans. It is also the way
+    to stop a sweep started in the background of a script, which inherits SIGINT
+    ignored (as every background job of a non-interactive shell does)."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_sweep(
     plan: SweepPlan, jobs: int = 1, echo: Callable[[str], None] = print, spawn: Callable[..., Any] = spawn_process
 ) -> list[RunResult]:
+    with sigterm_as_interrupt():
+        return _run_sweep(plan, jobs, echo, spawn)
+
+
+def _run_sweep(plan: SweepPlan, jobs: int, echo: Callable[[str], None], spawn: Callable[..., Any]) -> list[RunResult]:
     """Run every unfinished grid point, `jobs` processes at once; returns each point's
     result (read back from its run directory) in grid order. `spawn(cmd, log, env)`
     starts one (a Popen-like object: poll, send_signal, wait, kill)."""

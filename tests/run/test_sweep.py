@@ -190,3 +190,38 @@ def test_jobs_runs_that_many_processes_at_once(tmp_path, config, monkeypatch):
     assert [r.status for r in results] == ["not started"] * 5  # (the stand-in wrote no run)
     with pytest.raises(FltoolError, match="--jobs must be at least 1"):
         sw.run_sweep(plan, 0, lambda line: None, spawn=Slow)
+
+
+def test_sigterm_stops_a_background_sweep_and_its_runs_cleanly(tmp_path, make_config):
+    """A sweep started in the background of a script inherits SIGINT ignored, so Ctrl-C
+    cannot reach it; SIGTERM stops it as Ctrl-C would: its run gets SIGINT (restored for
+    it), stops at a round boundary with its checkpoint intact, and nothing trains on."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "long.yaml"
+    path.write_text(dump_config(make_config(federated={"rounds": 100000, "local_epochs": 1})))
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fltool", "sweep", str(path), "seed=0", "--dir", str(sweep_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as `fltool sweep ... &` in a script
+    )
+    plan = sw.plan_sweep(path, ["seed=0"], sweep_dir)
+    last = plan.run_dir(0) / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert last.exists(), proc.communicate()[0] if proc.poll() is not None else "no checkpoint in 120 s"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 130, out
+    assert "interrupted; continue with `fltool sweep" in out
+    log = (sweep_dir / "logs" / f"{plan.names[0]}.log").read_text()
+    assert "interrupted: the last checkpoint is intact" in log  # the run stopped on its SIGINT, not killed
+    rows = read_rows(plan.run_dir(0))
+    time.sleep(1.0)
+    assert read_rows(plan.run_dir(0)) == rows  # nothing trains on
+    assert [r["status"] for r in csv.DictReader(io.StringIO((sweep_dir / "summary.csv").read_text()))] == ["interrupted"]
