@@ -13,21 +13,19 @@ import stat
 import sys
 import types
 import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
 from fltool.config import registry
-from fltool.config.schema import REGISTRY_SECTIONS, Config, SyntheticConfig
+from fltool.config.checks import cross_checks
+from fltool.config.messages import cut, show
+from fltool.config.schema import REGISTRY_SECTIONS, Config
 from fltool.config.yaml12 import DuplicateKeys, Yaml12Dumper, parse_yaml
 from fltool.errors import FltoolError
 
-MNIST_TRAIN_SIZE = 60_000  # MNIST and FashionMNIST alike
 INT_MAX = 2**63 - 1  # torch indexes and counts with int64; a larger count fails deep inside it
-# Values in one synthetic tensor (train set, test set, class prototypes): 8 GiB of float32.
-SYNTHETIC_MAX_VALUES = 2**31
 
 # settings that moved when the algorithm became its own section: the message says where
 LEGACY_MODES = ("fedavg", "fedsgd", "fedprox")
@@ -168,7 +166,7 @@ def config_from_dict(
     errors = list(extra_errors or [])
     cfg = _build(Config, raw, "", source, provenance or {}, errors)
     if not errors:
-        _cross_checks(cfg, lambda key: _source_of(key, source, provenance or {}), errors)
+        cross_checks(cfg, lambda key: _source_of(key, source, provenance or {}), errors)
     if errors:
         raise FltoolError(*errors)
     return cfg
@@ -217,13 +215,13 @@ UNKNOWN_KEYS_SHOWN = 5  # per section: a file of 100,000 stray keys gets 5 lines
 def _build(cls: type, raw: Any, prefix: str, source: str, prov: dict[str, str], errors: list[str]):
     where = prefix.rstrip(".") or "<top level>"
     if not isinstance(raw, dict):
-        errors.append(f"{_source_of(where, source, prov)}: {where}: expected a mapping, got {_show(raw)}")
+        errors.append(f"{_source_of(where, source, prov)}: {where}: expected a mapping, got {show(raw)}")
         return cls()
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [key for key in raw if key not in fields]
     for key in unknown[:UNKNOWN_KEYS_SHOWN]:
-        dotted = f"{prefix}{_cut(str(key), len(str(key)), 'characters')}"
+        dotted = f"{prefix}{cut(str(key), len(str(key)), 'characters')}"
         if dotted in RENAMED:
             errors.append(f"{_source_of(dotted, source, prov)}: {dotted}: is now {RENAMED[dotted]}")
             continue
@@ -265,10 +263,10 @@ def _build(cls: type, raw: Any, prefix: str, source: str, prov: dict[str, str], 
             errors.append(f"{src}: {dotted}: {problem}")
             continue
         if check and value is not None and not check[0](value):
-            errors.append(f"{src}: {dotted}: must be {check[1]}, got {_show(value)}")
+            errors.append(f"{src}: {dotted}: must be {check[1]}, got {show(value)}")
             continue
         if isinstance(value, int) and value > INT_MAX:  # after `check`: seed says its own range
-            errors.append(f"{src}: {dotted}: must be at most 2**63 - 1, got {_show(value)}")
+            errors.append(f"{src}: {dotted}: must be at most 2**63 - 1, got {show(value)}")
             continue
         kwargs[name] = value
     return cls(**kwargs)
@@ -290,13 +288,13 @@ def _build_choice(section: str, f: dataclasses.Field, raw: Any, source: str, pro
     default = f.default_factory()  # type: ignore[misc]
     src = _source_of(section, source, prov)
     if not isinstance(raw, dict):
-        errors.append(f"{src}: {section}: expected a mapping, got {_show(raw)}")
+        errors.append(f"{src}: {section}: expected a mapping, got {show(raw)}")
         return default
     choices = getattr(registry, REGISTRY_SECTIONS[section])
     plugin = raw.get("plugin") if hasattr(default, "plugin") else None
     if plugin is not None:
         if not isinstance(plugin, str) or not plugin:
-            errors.append(f"{_source_of(section + '.plugin', source, prov)}: {section}.plugin: expected a module name, got {_show(plugin)}")
+            errors.append(f"{_source_of(section + '.plugin', source, prov)}: {section}.plugin: expected a module name, got {show(plugin)}")
             return default
         try:
             registry.import_plugin(plugin, f"{_source_of(section + '.plugin', source, prov)}: {section}.plugin")
@@ -306,7 +304,7 @@ def _build_choice(section: str, f: dataclasses.Field, raw: Any, source: str, pro
     name = raw.get("name", default.name)
     if not isinstance(name, str) or name not in choices.names():
         where = _source_of(section + ".name", source, prov)
-        errors.append(f"{where}: {section}.name: must be one of {', '.join(choices.names())}; got {_show(name)}")
+        errors.append(f"{where}: {section}.name: must be one of {', '.join(choices.names())}; got {show(name)}")
         return default
     return _build(choices.config_class(name), raw, section + ".", source, prov, errors)
 
@@ -327,29 +325,29 @@ def _coerce(value: Any, tp: Any, allowed: str = "") -> tuple[Any, str | None]:
         if value in args and type(value) is type(args[0]):
             return value, None
         allowed = ", ".join(str(a) for a in args)
-        return None, f"must be one of {allowed}; got {_show(value)}"
+        return None, f"must be one of {allowed}; got {show(value)}"
     if origin is list:
         if not isinstance(value, list):
-            return None, f"expected {_kind('a list', allowed)}, got {_show(value)}"
+            return None, f"expected {_kind('a list', allowed)}, got {show(value)}"
         out = []
         for item in value:
             item_, problem = _coerce(item, args[0])
             if problem:
                 return None, f"list item: {problem}"
             if isinstance(item_, int) and item_ > INT_MAX:
-                return None, f"list item: must be at most 2**63 - 1, got {_show(item_)}"
+                return None, f"list item: must be at most 2**63 - 1, got {show(item_)}"
             out.append(item_)
         return out, None
     if tp is bool:
         if isinstance(value, bool):
             return value, None
-        return None, f"expected {_kind('true or false', allowed)}, got {_show(value)}"
+        return None, f"expected {_kind('true or false', allowed)}, got {show(value)}"
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value, None
         if isinstance(value, float) and value.is_integer():
             return int(value), None
-        return None, f"expected {_kind('an integer', allowed)}, got {_show(value)}"
+        return None, f"expected {_kind('an integer', allowed)}, got {show(value)}"
     if tp is float:
         if isinstance(value, float):
             return value, None
@@ -358,12 +356,12 @@ def _coerce(value: Any, tp: Any, allowed: str = "") -> tuple[Any, str | None]:
             if abs(value) > sys.float_info.max:
                 return (math.inf if value > 0 else -math.inf), None
             return float(value), None
-        return None, f"expected {_kind('a number', allowed)}, got {_show(value)}"
+        return None, f"expected {_kind('a number', allowed)}, got {show(value)}"
     if tp is str:
         if not isinstance(value, str):
-            return None, f"expected {_kind('a string', allowed)}, got {_show(value)}"
+            return None, f"expected {_kind('a string', allowed)}, got {show(value)}"
         if "\0" in value:  # every string here becomes a path, and no OS accepts NUL in one
-            return None, f"must not contain a NUL character, got {_show(value)}"
+            return None, f"must not contain a NUL character, got {show(value)}"
         return value, None
     return value, None
 
@@ -374,194 +372,3 @@ def _kind(noun: str, allowed: str) -> str:
     if allowed.startswith(("a ", "an ")):
         return allowed
     return f"{noun} {allowed}".rstrip()
-
-
-def _cross_checks(cfg: Config, source: Callable[[str], str], errors: list[str]) -> None:
-    """Rules that involve more than one field; `source(key)` names where a key was set."""
-    shape = cfg.data.synthetic.shape
-    if cfg.data.dataset == "synthetic" and any(s < 1 for s in shape):
-        errors.append(f"{source('data.synthetic.shape')}: data.synthetic.shape: every dimension must be >= 1")
-    if cfg.data.dataset == "synthetic" and len(shape) != 3:
-        errors.append(f"{source('data.synthetic.shape')}: data.synthetic.shape: must be [channels, height, width]")
-    if cfg.data.dataset == "synthetic" and len(shape) == 3 and all(s >= 1 for s in shape):
-        _check_synthetic_size(cfg.data.synthetic, source, errors)
-    if cfg.data.partition == "natural" and not cfg.data.class_path:
-        errors.append(
-            f"{source('data.partition')}: data.partition: natural needs each example's client id, "
-            "which only a data.class_path dataset gives"
-        )
-    if cfg.mode == "ddp":
-        return
-    size = _train_size(cfg)
-    if size is None:  # your data (data.class_path): checked once it is loaded
-        pass
-    elif cfg.federated.num_clients > size:
-        errors.append(
-            f"{source('federated.num_clients')}: federated.num_clients: {cfg.federated.num_clients} clients "
-            f"exceed the {size} training examples"
-        )
-    elif cfg.data.partition == "shards" and cfg.federated.num_clients * cfg.data.shards_per_client > size:
-        shards = cfg.federated.num_clients * cfg.data.shards_per_client
-        errors.append(
-            f"{source('data.shards_per_client')}: data.shards_per_client: {shards} shards exceed the {size} training examples"
-        )
-    cohort = max(1, round(cfg.federated.fraction * cfg.federated.num_clients))
-    _check_clients(cfg, source, errors, cohort)
-    faults = cfg.clients
-    may_shrink = (
-        faults.dropout > 0 or (faults.stragglers > 0 and faults.straggler_policy == "drop") or cfg.federated.sampling == "poisson"
-    )
-    # where clients may not return (or a Poisson cohort is small), a round goes ahead with as few as min_returned
-    _check_aggregator(cfg, source, errors, min(cohort, faults.min_returned) if may_shrink else cohort)
-    if cfg.dp.mode != "none":
-        _check_dp(cfg, source, errors)
-    if cfg.secagg.enabled:
-        _check_secagg(cfg, source, errors, cohort)
-    if cfg.dp.noise_placement == "clients":
-        _check_distributed_dp(cfg, source, errors)
-
-
-def _train_size(cfg: Config) -> int | None:
-    """Training examples of the configured dataset, known without loading it."""
-    from fltool.data.vision import VISION
-
-    if cfg.data.class_path:
-        return None
-    if cfg.data.dataset == "synthetic":
-        return cfg.data.synthetic.train_size
-    return VISION[cfg.data.dataset].train_size if cfg.data.dataset in VISION else MNIST_TRAIN_SIZE
-
-
-def _check_dp(cfg: Config, source: Callable[[str], str], errors: list[str]) -> None:
-    """DP settings that cannot give the guarantee they ask for."""
-    dp, fed = cfg.dp, cfg.federated
-
-    def error(key: str, text: str) -> None:
-        errors.append(f"{source(key)}: {key}: {text}")
-
-    if (dp.noise_multiplier is None) == (dp.target_epsilon is None):
-        key = "dp.mode" if dp.noise_multiplier is None else "dp.target_epsilon"
-        error(key, f"dp.mode {dp.mode} needs exactly one of dp.noise_multiplier and dp.target_epsilon (which calibrates it)")
-    if dp.mode == "central" and cfg.aggregator.name != "mean":
-        error("aggregator.name", f"dp.mode central noises the clipped sum: it needs aggregator mean, got {cfg.aggregator.name!r}")
-    if cfg.algorithm.name in registry.ALGORITHMS.names() and registry.ALGORITHMS.get(cfg.algorithm.name).uploads_extras:
-        error("algorithm.name", f"{cfg.algorithm.name} uploads extras (control variates, step counts) that dp does not protect; "
-              "use an algorithm without, e.g. fedavg or fedprox")
-    adaptive_ok = dp.mode == "central" and fed.sampling == "poisson"
-    if dp.adaptive_clipping and not adaptive_ok:
-        error("dp.adaptive_clipping", "needs dp.mode central and federated.sampling poisson (its accounting assumes both)")
-    if dp.accountant == "pld" and dp.mode == "central" and fed.sampling != "poisson":
-        error("dp.accountant", "pld accounts for Poisson sampling only: set federated.sampling poisson, or use rdp")
-    z = dp.noise_multiplier
-    if dp.adaptive_clipping and adaptive_ok and z:  # (a calibrated z is checked once known, before training)
-        count_noise = dp.count_noise if dp.count_noise is not None else fed.fraction * fed.num_clients / 20
-        if 2 * count_noise <= z:
-            key = "dp.count_noise" if dp.count_noise is not None else "dp.noise_multiplier"
-            error(key, f"count noise {count_noise:g} leaves no noise for the update: adaptive clipping needs 2 * dp.count_noise > z = {z:g}")
-
-
-def _check_secagg(cfg: Config, source: Callable[[str], str], errors: list[str], cohort: int) -> None:
-    """Secure aggregation reveals only a sum: what needs more than a sum cannot run on it."""
-    sa = cfg.secagg
-
-    def error(key: str, text: str) -> None:
-        errors.append(f"{source(key)}: {key}: {text}")
-
-    if cfg.aggregator.name != "mean":
-        error("aggregator.name", f"{cfg.aggregator.name} needs the individual updates, which secagg hides from the server: use mean")
-    if cfg.compression.name != "none":
-        error("compression.name", "the server decodes each client's compressed upload, which secagg hides: use none")
-    if cohort * sa.quantization_range >= 1 << sa.modulus_bits:
-        error("secagg.quantization_range", f"{cohort} clients x {sa.quantization_range} levels overflow mod 2^{sa.modulus_bits}")
-    if cohort < 2:
-        error("secagg.enabled", "secure aggregation of a single client reveals its update: the cohort needs >= 2 clients")
-    if sa.min_inputs is not None and sa.min_inputs > cohort:
-        error("secagg.min_inputs", f"{sa.min_inputs} is more than the {cohort} clients a round samples: no round could be unmasked")
-
-
-def _check_distributed_dp(cfg: Config, source: Callable[[str], str], errors: list[str]) -> None:
-    """Clients' noise shares protect only a sum the server cannot see through."""
-    dp = cfg.dp
-
-    def error(key: str, text: str) -> None:
-        errors.append(f"{source(key)}: {key}: {text}")
-
-    if dp.mode != "central":
-        error("dp.noise_placement", f"clients splits central DP's noise among the clients; it needs dp.mode central, got {dp.mode!r}")
-    elif not cfg.secagg.enabled:
-        error("dp.noise_placement", "clients needs secagg.enabled: each client adds only a share of the noise, "
-              "so the server must see no update but the secure sum")
-    elif dp.adaptive_clipping:
-        error("dp.adaptive_clipping", "the count of unclipped clients would be noised by the server alone; "
-              "with dp.noise_placement clients use a fixed dp.clip_norm")
-    elif dp.noise_multiplier is not None:  # (a calibrated z is checked once known, before training)
-        from fltool.algorithms.privacy.mechanism import noise_range_problem
-
-        problem = noise_range_problem(cfg, dp.noise_multiplier)
-        if problem:
-            error("secagg.clipping_range", problem)
-
-
-def _check_clients(cfg: Config, source: Callable[[str], str], errors: list[str], cohort: int) -> None:
-    """Faults that leave no round able to run."""
-    faults = cfg.clients
-    if faults.min_returned > cohort:
-        errors.append(
-            f"{source('clients.min_returned')}: clients.min_returned: {faults.min_returned} is more than the "
-            f"{cohort} clients a round samples (federated.fraction x federated.num_clients)"
-        )
-    if faults.dropout == 1:
-        errors.append(f"{source('clients.dropout')}: clients.dropout: 1 means no client ever returns; must be below 1")
-    if faults.stragglers == 1 and faults.straggler_policy == "drop":
-        errors.append(
-            f"{source('clients.stragglers')}: clients.stragglers: 1 with straggler_policy drop discards every client; "
-            f"lower it or use straggler_policy partial"
-        )
-
-
-def _check_aggregator(cfg: Config, source: Callable[[str], str], errors: list[str], cohort: int) -> None:
-    """The aggregator must be able to combine a cohort of `cohort` updates (Krum needs
-    more than f + 2 of them, Bulyan 4f + 3): the sampled cohort, or fewer where clients
-    may not return theirs."""
-    found = cfg.aggregator.problem(cohort)
-    if found is not None:
-        key, text = found
-        errors.append(f"{source('aggregator.' + key)}: aggregator.{key}: {text}")
-
-
-def _check_synthetic_size(syn: SyntheticConfig, source: Callable[[str], str], errors: list[str]) -> None:
-    """The synthetic set is drawn in one piece per tensor; past a bound torch fails to
-    allocate it, or the machine swaps, long after validation."""
-    values = math.prod(syn.shape)
-    for key in ("train_size", "test_size", "num_classes"):  # num_classes: one prototype each
-        n = getattr(syn, key)
-        if n * values > SYNTHETIC_MAX_VALUES:
-            dotted = f"data.synthetic.{key}"
-            errors.append(
-                f"{source(dotted)}: {dotted}: {n} x shape {syn.shape} = {_show(n * values)} values, more than "
-                f"the 2**31 (8 GiB of float32) a synthetic tensor may hold"
-            )
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
-        # repr of a huge int is a screenful, or an error past 4300 digits
-        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
-    if isinstance(value, str):
-        return _cut(repr(value), len(value), "characters")
-    if value is None:
-        return "null"
-    try:
-        text = repr(value)
-    except ValueError:  # a list or mapping holding an int past 4300 digits
-        text = "..."
-    if isinstance(value, (list, dict)):
-        text = _cut(text, len(value), "items")
-    return f"{text} ({type(value).__name__})" if not isinstance(value, (int, float)) else text
-
-
-SHOWN_CHARS = 60  # of a value in an error line: a 500 KB string would drown the message
-
-
-def _cut(text: str, count: int, unit: str) -> str:
-    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({count:,} {unit})"
