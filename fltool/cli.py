@@ -183,7 +183,8 @@ def sweep(
     ] = None,
 ) -> None:
     """Run a grid of CONFIG's runs; rerun with --dir to skip finished runs and resume the rest."""
-    from fltool.run.sweep import format_summary, plan_sweep, run_sweep
+    from fltool.run.sweep import format_summary, run_sweep
+    from fltool.run.sweep_spec import plan_sweep
 
     with user_errors():
         plan = plan_sweep(config, list(axes or []), sweep_dir)

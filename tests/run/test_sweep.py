@@ -18,12 +18,13 @@ from fltool.cli import app
 from fltool.config import dump_config
 from fltool.errors import FltoolError
 from fltool.run import sweep as sw
+from fltool.run import sweep_spec as spec
 from fltool.run.runs_table import read_rows, run_info
 
 
 def test_values_split_at_top_level_commas_and_ranges_expand():
-    assert sw.split_values("a,[1,2],'x,y',range(3)") == ["a", "[1,2]", "'x,y'", "range(3)"]
-    axes = sw.parse_axes(["seed=range(3)", "lr=0.1,0.2", "shape=[1,8,8]", "k=range(1, 7, 2),9"])
+    assert spec.split_values("a,[1,2],'x,y',range(3)") == ["a", "[1,2]", "'x,y'", "range(3)"]
+    axes = spec.parse_axes(["seed=range(3)", "lr=0.1,0.2", "shape=[1,8,8]", "k=range(1, 7, 2),9"])
     assert [(a.key, a.values) for a in axes] == [
         ("seed", ["0", "1", "2"]),
         ("lr", ["0.1", "0.2"]),
@@ -33,10 +34,10 @@ def test_values_split_at_top_level_commas_and_ranges_expand():
 
 
 def test_the_grid_is_the_cross_product_last_axis_fastest():
-    axes = sw.parse_axes(["federated.lr=0.1,0.2", "seed=0,1,2"])
-    points = sw.grid(axes)
+    axes = spec.parse_axes(["federated.lr=0.1,0.2", "seed=0,1,2"])
+    points = spec.grid(axes)
     assert points == [[f"federated.lr={lr}", f"seed={s}"] for lr in ("0.1", "0.2") for s in "012"]
-    names = sw.run_names(axes, points)
+    names = spec.run_names(axes, points)
     assert names[0] == "000-lr=0.1-seed=0" and names[5] == "005-lr=0.2-seed=2" and len(set(names)) == 6
 
 
@@ -50,9 +51,9 @@ def test_mean_and_sample_std():
 
 
 def test_the_summary_groups_by_all_but_the_seed(tmp_path):
-    axes = sw.parse_axes(["federated.lr=0.1,0.2", "seed=0,1"])
-    points = sw.grid(axes)
-    plan = sw.SweepPlan(tmp_path / "c.yaml", axes, points, sw.run_names(axes, points), tmp_path)
+    axes = spec.parse_axes(["federated.lr=0.1,0.2", "seed=0,1"])
+    points = spec.grid(axes)
+    plan = spec.SweepPlan(tmp_path / "c.yaml", axes, points, spec.run_names(axes, points), tmp_path)
     finals = [0.5, 0.7, 0.8, 0.8]
     results = [
         sw.RunResult(n, p, "finished", f, f, 3 if f > 0.6 else None, 2.0, values=dict(x.split("=") for x in p))
@@ -92,7 +93,7 @@ def test_a_rerun_skips_finished_runs_and_resumes_the_others(tmp_path, monkeypatc
     import fltool.trainers.federated as fed
 
     tokens = ["federated.lr=0.05,0.1", "seed=range(2)"]
-    plan = sw.plan_sweep(config, tokens, tmp_path / "sweep")
+    plan = spec.plan_sweep(config, tokens, tmp_path / "sweep")
     real_save = fed.save_checkpoint
     calls = []
 
@@ -122,7 +123,7 @@ def test_a_rerun_skips_finished_runs_and_resumes_the_others(tmp_path, monkeypatc
     summary = list(csv.DictReader(io.StringIO((plan.dir / "summary.csv").read_text())))
     assert [r["status"] for r in summary] == ["finished", "interrupted", "finished", "finished"]
 
-    again = sw.plan_sweep(config, tokens, tmp_path / "sweep")
+    again = spec.plan_sweep(config, tokens, tmp_path / "sweep")
     calls.clear()
     lines.clear()
     results = sw.run_sweep(again, 1, lines.append, spawn=lambda cmd, log, env: calls.append(cmd) or InProcess(cmd, log, env))
@@ -137,9 +138,9 @@ def test_a_rerun_skips_finished_runs_and_resumes_the_others(tmp_path, monkeypatc
 
 
 def test_another_sweep_in_the_same_dir_is_refused(tmp_path, config):
-    sw.prepare_dir(sw.plan_sweep(config, ["seed=0,1"], tmp_path / "sweep"))
+    spec.prepare_dir(spec.plan_sweep(config, ["seed=0,1"], tmp_path / "sweep"))
     with pytest.raises(FltoolError, match="holds another sweep"):
-        sw.prepare_dir(sw.plan_sweep(config, ["seed=0,1,2"], tmp_path / "sweep"))
+        spec.prepare_dir(spec.plan_sweep(config, ["seed=0,1,2"], tmp_path / "sweep"))
 
 
 @pytest.mark.parametrize(
@@ -164,7 +165,7 @@ def test_a_bad_spec_is_one_line_and_exit_2_before_anything_runs(tmp_path, spec, 
 
 
 def test_jobs_runs_that_many_processes_at_once(tmp_path, config, monkeypatch):
-    plan = sw.plan_sweep(config, ["seed=range(5)"], tmp_path / "sweep")
+    plan = spec.plan_sweep(config, ["seed=range(5)"], tmp_path / "sweep")
     live: list[object] = []
     peak = []
 
@@ -209,7 +210,7 @@ def test_sigterm_stops_a_background_sweep_and_its_runs_cleanly(tmp_path, make_co
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as `fltool sweep ... &` in a script
     )
-    plan = sw.plan_sweep(path, ["seed=0"], sweep_dir)
+    plan = spec.plan_sweep(path, ["seed=0"], sweep_dir)
     last = plan.run_dir(0) / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 120
     while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
