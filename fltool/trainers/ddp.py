@@ -4,8 +4,9 @@ Each rank trains on its shard of every global batch (see `sharding`); DDP averag
 gradients with all-reduce during backward, so every rank applies the same update.
 Rank 0 evaluates, logs and checkpoints; the other ranks wait at a barrier so that a
 checkpoint is on disk before anyone starts the next epoch (a restarted group resumes
-from it). In a single process (`fltool train`) there is no process group and no DDP
-wrapper; the arithmetic is the same.
+from it). A model that goes NaN or inf stops the run after that epoch, as a diverged
+federated run stops. In a single process (`fltool train`) there is no process group
+and no DDP wrapper; the arithmetic is the same.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from fltool.trainers.ddp_optim import make_optimizer, make_scheduler, resume_sch
 from fltool.distributed.sharding import rank_batches, steps_per_epoch
 from fltool.run.checkpoint import Checkpoint, make_checkpoint, save_checkpoint
 from fltool.trainers.evaluate import evaluate
+from fltool.trainers.federated import all_finite
 from fltool.trainers.progress import Decision, Progress, RunSummary, summarize
 from fltool.run.metrics import MetricsLog
 from fltool.run.resume import check_resumable
@@ -40,6 +42,17 @@ from fltool.devices import resolve_device
 from fltool.models.setup import seeded_model
 
 RowCallback = Callable[[dict[str, Any]], None]
+
+
+def diverged(epoch: int) -> str:
+    return f"diverged: the model has non-finite parameters after epoch {epoch}"
+
+
+def read_epoch(loss_sum: torch.Tensor, finite: torch.Tensor) -> tuple[float, bool]:
+    """(loss sum, finite) on the host, in one sync (`loss_sum` is float64: the value is
+    the one `.item()` reads)."""
+    loss, ok = torch.stack([loss_sum.to(torch.float64), finite.to(torch.float64)]).tolist()
+    return loss, ok == 1.0
 
 
 def wrap_model(model: nn.Module, device: torch.device, compile_model: bool) -> nn.Module:
@@ -133,6 +146,11 @@ def train_ddp(
             # metrics files leaves those a round behind, even when nothing is left to train
             log.flush()
         start = progress.first(resume.round, log.rows)
+    stopped = None
+    if resume is not None and not all_finite(list(raw.parameters())).item():  # (one sync, at set-up)
+        # a run that diverged stops again, training no NaN epochs, whatever its new epoch
+        # cap; every rank restored the same checkpoint, so every rank skips the loop
+        stopped, start = diverged(resume.round), dcfg.epochs + 1
 
     model = wrap_model(raw, device, dcfg.compile)
     autocast = autocast_for(dcfg.amp, device)
@@ -155,15 +173,23 @@ def train_ddp(
         loss_sum = train_steps(model, optimizer, scheduler, x_train, y_train, batches, autocast, on_step)
 
         comm.all_reduce_sum([loss_sum])  # every rank, every epoch
+        # the epoch's one host sync: its loss and whether the model is finite. DDP
+        # all-reduces the gradients, so every rank applies the same update and holds the
+        # same parameters: each rank decides a divergence stop identically, without a
+        # collective, and all of them evaluate (broadcast), wait at the barrier and
+        # break at the same epoch.
+        loss, finite = read_epoch(loss_sum, all_finite(list(raw.parameters())))
+        if not finite:
+            stopped = diverged(epoch)
         row: dict[str, Any] = {
             "epoch": epoch,
             "steps": steps * epoch,
-            "train_loss": loss_sum.item() / (steps * dcfg.grad_accum_steps * comm.world_size),
+            "train_loss": loss / (steps * dcfg.grad_accum_steps * comm.world_size),
             "test_loss": None,
             "test_accuracy": None,
             "lr": scheduler.get_last_lr()[0],
         }
-        if progress.evaluates(epoch):
+        if progress.evaluates(epoch, last=not finite):
             # Rank 0 evaluates the plain module (no DDP hooks, so no collective inside);
             # the result is broadcast so that every rank takes the same early-stop decision.
             result = torch.zeros(2, device=device, dtype=torch.float64)
@@ -177,7 +203,7 @@ def train_ddp(
         row["elapsed_s"] = elapsed0 + time.perf_counter() - t0
         row["images_per_s"] = steps * global_batch / wall
 
-        decision = progress.decide(epoch, row["test_accuracy"])
+        decision = progress.decide(epoch, row["test_accuracy"], last=not finite)  # (a diverged epoch: the last)
         log.rows.append(row)
         if comm.is_main:
             if decision.save_last or decision.save_best:
@@ -189,7 +215,9 @@ def train_ddp(
         if decision.stop:
             break
 
-    return summarize(run_dir, log.rows, "epoch", progress.best, cfg.eval.target_accuracy, t_setup, t0)
+    summary = summarize(run_dir, log.rows, "epoch", progress.best, cfg.eval.target_accuracy, t_setup, t0)
+    summary.stopped = stopped
+    return summary
 
 
 def _save(
