@@ -33,8 +33,7 @@ from fltool.trainers.ddp_optim import make_optimizer, make_scheduler, resume_sch
 from fltool.distributed.sharding import rank_batches, steps_per_epoch
 from fltool.run.checkpoint import Checkpoint, make_checkpoint, save_checkpoint
 from fltool.trainers.evaluate import evaluate
-from fltool.trainers.federated import all_finite
-from fltool.trainers.progress import Decision, Progress, RunSummary, summarize
+from fltool.trainers.progress import Decision, Progress, RunSummary, all_finite, summarize
 from fltool.run.metrics import MetricsLog
 from fltool.run.resume import check_resumable
 from fltool.run.rundir import best_checkpoint, last_checkpoint

@@ -39,7 +39,7 @@ from fltool.run.rundir import best_checkpoint, last_checkpoint
 from fltool.trainers.availability import RoundPlan, malicious_for_run, plan_round, redraw_after_abort
 from fltool.trainers.evaluate import evaluate
 from fltool.trainers.privacy_budget import budget_for
-from fltool.trainers.progress import Progress, RunSummary, summarize
+from fltool.trainers.progress import Progress, RunSummary, all_finite, summarize
 from fltool.trainers.rows import read_round, round_row, server_columns
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -291,12 +291,6 @@ def store_client_rows(store: ClientStore, new_rows: list[tuple[Tensor, Stacked]]
     for name, width in zip(names, widths, strict=True):
         rows[name], at = columns[at : at + width], at + width
     store.write(ids, rows)
-
-
-def all_finite(params: Sequence[Tensor]) -> Tensor:
-    """A bool scalar on the parameters' device, True when none holds a NaN or an inf;
-    no host sync."""
-    return torch.stack([p.detach().isfinite().all() for p in params]).all()
 
 
 def diverged(round_: int) -> str:

@@ -1,13 +1,18 @@
 """What both trainers decide the same way, in one place: where a run starts, which
 rounds (epochs) it evaluates, whether one improved on the best or met the target,
-which checkpoints it writes, and the run's summary from its metric rows."""
+which checkpoints it writes, whether the model diverged, and the run's summary from
+its metric rows."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import Tensor
 
 from fltool.config import Config
 
@@ -64,6 +69,12 @@ class Progress:
             self.best = accuracy
         due = index % self.checkpoint_every == 0 or index == self.total or reached or last
         return Decision(save_last=due, save_best=improved, stop=reached or last)
+
+
+def all_finite(params: Sequence[Tensor]) -> Tensor:
+    """A bool scalar on the parameters' device, True when none holds a NaN or an inf;
+    no host sync (the trainers read it with the round's or epoch's loss)."""
+    return torch.stack([p.detach().isfinite().all() for p in params]).all()
 
 
 def target_reached_at(rows: list[dict[str, Any]], unit: str, target: float | None) -> int | None:

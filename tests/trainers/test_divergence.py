@@ -15,7 +15,8 @@ from fltool.run.checkpoint import load_checkpoint
 from fltool.run.metrics import read_metrics
 from fltool.run.rundir import create_run_dir, last_checkpoint
 from fltool.run.runner import resume_run
-from fltool.trainers.federated import all_finite, train_federated
+from fltool.trainers.federated import train_federated
+from fltool.trainers.progress import all_finite
 from fltool.ui import PlainReporter
 
 REPO = Path(__file__).resolve().parents[2]
