@@ -183,7 +183,7 @@ def sweep(
     ] = None,
 ) -> None:
     """Run a grid of CONFIG's runs; rerun with --dir to skip finished runs and resume the rest."""
-    from fltool.run.sweep import format_summary, run_sweep
+    from fltool.run.sweep import ENDED, format_summary, run_sweep
     from fltool.run.sweep_spec import plan_sweep
 
     with user_errors():
@@ -199,7 +199,7 @@ def sweep(
             raise typer.Exit(130) from None
     typer.echo(format_summary(plan, results), nl=False)
     typer.echo(f"summary: {plan.dir / 'summary.csv'}")
-    if any(r.status != "finished" for r in results):
+    if any(r.status not in ENDED for r in results):
         raise typer.Exit(1)
 
 

@@ -39,6 +39,18 @@ class MetricsLog:
             self.tensorboard.write(self.rows)
 
 
+def mark_stopped(log: MetricsLog, reason: str, write: bool) -> None:
+    """Say in the last row why the run ended before its planned end (a privacy budget
+    spent before the next round): `fltool runs` and `fltool sweep` read it from there,
+    and a sweep does not resume such a run. A diverged round's row carries it from the
+    start; this one is added after the row's checkpoint, and a resume, which restores
+    the checkpoint's rows, decides the stop and adds it again."""
+    if log.rows:
+        log.rows[-1]["stopped"] = reason
+        if write:
+            log.flush()
+
+
 def to_csv(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""

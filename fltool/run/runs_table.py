@@ -7,8 +7,11 @@ does not descend into one. Its status, from what is on disk:
   eval.target_accuracy (the run stops there);
 - interrupted: fewer rows than planned and a checkpoint (checkpoints/last.pt) to
   continue from: `fltool train --resume RUN_DIR` goes on from it;
+- stopped: ended before its planned end by a rule, which its last row's `stopped`
+  names: the model diverged (NaN or inf), or the privacy budget (dp.max_epsilon) would
+  be overspent by the next round; a resume trains no further;
 - failed: fewer rows than planned and no checkpoint (killed or crashed before its first
-  checkpoint, or a diverged run that stopped writing); `--resume` starts it again.
+  checkpoint); `--resume` starts it again.
 
 A run still training shows as interrupted. Other directories with a config.yaml that is
 not an fltool run's are skipped and named in `skipped`, never a traceback. Reads only
@@ -39,6 +42,7 @@ class RunInfo:
     target_round: int | None
     wall_s: float | None
     status: str
+    stopped: str | None = None  # why a stopped run ended (its last row's `stopped`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,8 +136,12 @@ def run_info(run_dir: Path, root: Path | None = None) -> RunInfo:
     target_round = next((s for s, a in evaluated if target is not None and a >= target), None)
     walls = [_number(r.get("elapsed_s")) for r in rows]
     wall = next((w for w in reversed(walls) if w is not None), None)
+    reason = rows[-1].get("stopped") if rows else None
+    stopped = reason if isinstance(reason, str) else None
     if (planned is not None and done >= planned) or target_round is not None:
         status = "finished"
+    elif stopped is not None:
+        status = "stopped"
     elif (Path(run_dir) / "checkpoints" / "last.pt").is_file():
         status = "interrupted"
     else:
@@ -156,6 +164,7 @@ def run_info(run_dir: Path, root: Path | None = None) -> RunInfo:
         target_round=target_round,
         wall_s=wall,
         status=status,
+        stopped=stopped if status == "stopped" else None,
     )
 
 

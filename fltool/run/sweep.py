@@ -33,13 +33,16 @@ from fltool.errors import FltoolError
 from fltool.run.sweep_spec import SEED, SweepPlan, prepare_dir
 
 SUMMARY_FILE = "summary.csv"
+# a run at its end: trained as planned or to its target, or stopped by a rule (it
+# diverged, or its privacy budget is spent), which a resume would not train further
+ENDED = ("finished", "stopped")
 
 
 @dataclass
 class RunResult:
     name: str
     overrides: list[str]
-    status: str  # finished, interrupted, failed, not started
+    status: str  # finished, stopped, interrupted, failed, not started
     final_accuracy: float | None = None
     best_accuracy: float | None = None
     target_round: int | None = None
@@ -52,13 +55,13 @@ class RunResult:
 
 
 def run_command(plan: SweepPlan, i: int) -> list[str] | None:
-    """The command that brings run i to its end; None when it is finished already."""
+    """The command that brings run i to its end; None when it is at its end already."""
     from fltool.run.runs_table import run_info
 
     run_dir = plan.run_dir(i)
     train = [sys.executable, "-m", "fltool", "train"]
     if (run_dir / "config.yaml").is_file():
-        if run_info(run_dir).status == "finished":
+        if run_info(run_dir).status in ENDED:
             return None
         return [*train, "--resume", str(run_dir)]
     return [*train, str(plan.config), *plan.points[i], f"output.run_dir={run_dir}"]
@@ -134,7 +137,7 @@ def _run_sweep(plan: SweepPlan, jobs: int, echo: Callable[[str], None], spawn: C
                 cmd = run_command(plan, i)
                 label = f"[{i + 1}/{n}] {plan.names[i]}"
                 if cmd is None:
-                    echo(f"{label}: finished already, skipped")
+                    echo(f"{label}: {read_result(plan, i).status} already, skipped")
                     continue
                 log = open(plan.dir / "logs" / f"{plan.names[i]}.log", "a")
                 echo(f"{label}: {'resuming' if '--resume' in cmd else 'starting'}")
@@ -258,7 +261,7 @@ def format_summary(plan: SweepPlan, results: list[RunResult]) -> str:
     header = [*keys, "runs", "final acc", "best acc", "target round", "wall s"]
     body = []
     for g in groups:
-        done = [r for r in g.results if r.status == "finished"]
+        done = [r for r in g.results if r.status in ENDED]
         reached = [r for r in g.results if r.target_round is not None]
         target = _pm(g.stat("target_round"), 1)
         if reached and len(reached) < len(g.results):

@@ -201,6 +201,8 @@ def train_ddp(
         row["wall_s"] = wall
         row["elapsed_s"] = elapsed0 + time.perf_counter() - t0
         row["images_per_s"] = steps * global_batch / wall
+        if not finite:
+            row["stopped"] = stopped  # in the checkpoint's rows too: `fltool runs` reads it
 
         decision = progress.decide(epoch, row["test_accuracy"], last=not finite)  # (a diverged epoch: the last)
         log.rows.append(row)

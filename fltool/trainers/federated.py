@@ -34,7 +34,7 @@ from fltool.errors import FltoolError, RoundAborted
 from fltool.models import build_model
 from fltool.models.setup import seeded_model
 from fltool.run.checkpoint import Checkpoint, make_checkpoint, save_checkpoint
-from fltool.run.metrics import MetricsLog
+from fltool.run.metrics import MetricsLog, mark_stopped
 from fltool.run.rundir import best_checkpoint, last_checkpoint
 from fltool.trainers.availability import RoundPlan, malicious_for_run, plan_round, redraw_after_abort
 from fltool.trainers.evaluate import evaluate
@@ -348,6 +348,7 @@ def train_federated(
                 f"privacy budget: round {r} would bring epsilon to {budget.epsilon(r):.4g}, over "
                 f"dp.max_epsilon {cfg.dp.max_epsilon:g} (spent after round {r - 1}: {budget.epsilon(r - 1):.4g})"
             )
+            mark_stopped(log, stopped, comm.is_main)
             break
         t_round = time.perf_counter()
         plan = plan_round(cfg, sizes, r, run_malicious)
@@ -370,6 +371,8 @@ def train_federated(
         row["wall_s"] = time.perf_counter() - t_round
         row["elapsed_s"] = elapsed0 + time.perf_counter() - t0
         row.update(server_columns(cfg, r, state, budget))
+        if not finite:
+            row["stopped"] = stopped  # in the checkpoint's rows too: `fltool runs` reads it
 
         decision = progress.decide(r, row["test_accuracy"], last=not finite)  # (a diverged round: the last)
         log.rows.append(row)

@@ -23,6 +23,10 @@ def make_tree(root: Path, make_config) -> None:
     fake_run(root / "sweep" / "killed", cfg, [0.5], checkpoint=False)
     fake_run(root / "target", make_config(federated={"rounds": 9}, eval={"target_accuracy": 0.6}), [0.5, 0.65])
     fake_run(root / "ddp", make_config(mode="ddp", ddp={"epochs": 4}), [])
+    diverged = fake_run(root / "diverged", cfg, [0.5, 0.0])
+    rows = [json.loads(line) for line in (diverged / "metrics.jsonl").read_text().splitlines()]
+    rows[-1]["stopped"] = "diverged: the global model has non-finite parameters after round 2"
+    (diverged / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     (root / "foreign" / "hydra").mkdir(parents=True)
     (root / "foreign" / "hydra" / "config.yaml").write_text("defaults: [db: mysql]\n")
     (root / "foreign" / "broken").mkdir()
@@ -40,6 +44,7 @@ def test_statuses_and_foreign_directories(tmp_path, make_config):
     by_path = {i.path: i for i in infos}
     assert {p: i.status for p, i in by_path.items()} == {
         "ddp": "failed",
+        "diverged": "stopped",  # before its planned rounds, by a rule its last row names
         "done": "finished",
         "sweep/interrupted": "interrupted",
         "sweep/killed": "failed",
@@ -49,6 +54,7 @@ def test_statuses_and_foreign_directories(tmp_path, make_config):
     assert (done.done, done.planned, done.best_accuracy, done.final_accuracy, done.wall_s) == (3, 3, 0.7, 0.7, 1.5)
     assert (done.mode, done.algorithm, done.name) == ("federated", "fedavg", "tiny")
     assert by_path["target"].target_round == 2 and by_path["ddp"].planned == 4
+    assert by_path["diverged"].stopped.startswith("diverged: ") and done.stopped is None
     assert sorted(p.name for p, _ in foreign) == ["binary", "broken", "hydra", "list"]
 
 
@@ -65,8 +71,8 @@ def test_a_real_run_and_the_command(tmp_path, make_config):
 
     result = CliRunner().invoke(app, ["runs", str(tmp_path), "--json"])
     data = json.loads(result.stdout)
-    assert len(data["runs"]) == 6 and len(data["skipped"]) == 4
-    assert {"path", "name", "mode", "algorithm", "done", "planned", "best_accuracy", "target_round", "wall_s", "status"} <= set(data["runs"][0])
+    assert len(data["runs"]) == 7 and len(data["skipped"]) == 4
+    assert {"path", "name", "mode", "algorithm", "done", "planned", "best_accuracy", "target_round", "wall_s", "status", "stopped"} <= set(data["runs"][0])
 
 
 def test_not_a_directory_is_one_line(tmp_path):

@@ -6,6 +6,7 @@ per run costs seconds of imports)."""
 from __future__ import annotations
 
 import csv
+import json
 import io
 import math
 import statistics
@@ -226,3 +227,22 @@ def test_sigterm_stops_a_background_sweep_and_its_runs_cleanly(tmp_path, make_co
     time.sleep(1.0)
     assert read_rows(plan.run_dir(0)) == rows  # nothing trains on
     assert [r["status"] for r in csv.DictReader(io.StringIO((sweep_dir / "summary.csv").read_text()))] == ["interrupted"]
+
+
+def test_a_diverged_grid_point_is_stopped_counted_as_ended_and_not_resumed(tmp_path, make_config):
+    """A learning-rate grid's diverging point is a result, not a failure: it shows as
+    stopped (with its reason in `fltool runs --json`), the sweep exits 0, and a rerun
+    skips it rather than resuming it."""
+    path = tmp_path / "grid.yaml"
+    path.write_text(dump_config(make_config(federated={"rounds": 4, "local_epochs": 1})))
+    grid = ["server_optimizer.lr=1.0,1e6", "--dir", str(tmp_path / "sweep")]
+    result = CliRunner().invoke(app, ["sweep", str(path), *grid])
+    assert result.exit_code == 0, result.output
+    summary = list(csv.DictReader(io.StringIO((tmp_path / "sweep" / "summary.csv").read_text())))
+    assert [r["status"] for r in summary] == ["finished", "stopped"]
+    assert [r["round"] for r in read_rows(Path(summary[1]["run_dir"]))] == [1, 2]  # stopped at its NaN round
+    runs = CliRunner().invoke(app, ["runs", str(tmp_path / "sweep"), "--json"])
+    stopped = {r["status"]: r["stopped"] for r in json.loads(runs.stdout)["runs"]}
+    assert stopped["finished"] is None and stopped["stopped"].startswith("diverged: ")
+    again = CliRunner().invoke(app, ["sweep", str(path), *grid])
+    assert again.exit_code == 0 and "stopped already, skipped" in again.output and "resuming" not in again.output

@@ -20,6 +20,7 @@ from fltool.run.checkpoint import load_checkpoint
 from fltool.run.metrics import read_metrics
 from fltool.run.rundir import best_checkpoint, create_run_dir, last_checkpoint
 from fltool.run.runner import resume_run
+from fltool.run.runs_table import run_info
 from fltool.trainers import ddp as trainer
 from fltool.trainers.ddp import train_ddp
 from fltool.ui import PlainReporter
@@ -68,6 +69,7 @@ def test_a_huge_learning_rate_stops_the_run_after_its_first_epoch(tmp_path):
     # evaluated and checkpointed as a last epoch (eval.every and checkpoint_every are 4)
     assert rows[0]["test_accuracy"] == 0.0 and summary.final_accuracy == 0.0
     assert load_checkpoint(last_checkpoint(run_dir)).round == 1 and not finite_model(last_checkpoint(run_dir))
+    assert rows[0]["stopped"] == stop(1) and (run_info(run_dir).status, run_info(run_dir).stopped) == ("stopped", stop(1))
 
 
 def nan_at_the_start_of(epoch: int, monkeypatch: pytest.MonkeyPatch) -> None:

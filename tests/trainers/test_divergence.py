@@ -15,6 +15,7 @@ from fltool.run.checkpoint import load_checkpoint
 from fltool.run.metrics import read_metrics
 from fltool.run.rundir import create_run_dir, last_checkpoint
 from fltool.run.runner import resume_run
+from fltool.run.runs_table import run_info
 from fltool.trainers.federated import train_federated
 from fltool.trainers.progress import all_finite
 from fltool.ui import PlainReporter
@@ -53,6 +54,11 @@ def test_a_diverged_run_stops_after_its_first_non_finite_round(make_config, engi
     # output.checkpoint_every are 4): the metrics and last.pt show where it diverged
     assert rows[0]["test_accuracy"] is None and rows[1]["test_accuracy"] == 0.0 and summary.final_accuracy == 0.0
     assert load_checkpoint(last_checkpoint(run_dir)).round == 2 and not finite_model(last_checkpoint(run_dir))
+    # the reason is in the stop round's row (and so in last.pt's rows): `fltool runs` and
+    # `fltool sweep` show the run as stopped, which a sweep does not resume
+    assert rows[1]["stopped"] == STOP_2 and "stopped" not in rows[0]
+    assert load_checkpoint(last_checkpoint(run_dir)).metrics[-1]["stopped"] == STOP_2
+    assert (run_info(run_dir).status, run_info(run_dir).stopped) == ("stopped", STOP_2)
 
 
 def test_both_engines_stop_at_the_same_round_with_the_same_rows(make_config):

@@ -15,6 +15,7 @@ from fltool.errors import FltoolError
 from fltool.run.checkpoint import load_checkpoint
 from fltool.run.metrics import read_metrics
 from fltool.run.rundir import create_run_dir, last_checkpoint
+from fltool.run.runs_table import run_info
 from fltool.trainers.availability import plan_round
 from fltool.trainers.federated import train_federated
 from fltool.trainers.privacy_budget import budget_for
@@ -99,8 +100,12 @@ def test_max_epsilon_stops_before_the_round_that_would_exceed_it(tmp_path):
     rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == [1, 2] and rows[-1]["epsilon"] <= cap
     assert summary.stopped.startswith(f"privacy budget: round 3 would bring epsilon to {budget.epsilon(3):.4g}")
+    assert rows[-1]["stopped"] == summary.stopped and "stopped" not in rows[0]  # where `fltool runs` reads it
     again = train_federated(cfg, run_dir, resume=load_checkpoint(last_checkpoint(run_dir)))  # a resume spends nothing
     assert len(read_metrics(run_dir)) == 2 and again.stopped == summary.stopped
+    assert read_metrics(run_dir) == rows
+    info = run_info(run_dir)
+    assert (info.status, info.stopped) == ("stopped", summary.stopped)
 
 
 def test_a_max_epsilon_below_one_round_is_refused_before_training(tmp_path):
