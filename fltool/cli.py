@@ -92,10 +92,11 @@ def train(
     from fltool.config import dump_config, load_config
     from fltool.run.resume import resume_config
     from fltool.run.runner import resume_run, start_run
+    from fltool.run.signals import sigterm_as_interrupt
     from fltool.ui import make_reporter
 
     overrides = list(overrides or [])
-    with user_errors():
+    with user_errors(), sigterm_as_interrupt():
         if resume is not None and config is not None:  # with --resume every positional is an override
             overrides.insert(0, config)
         if resume is None and config is None:

@@ -409,3 +409,35 @@ def test_train_json_prints_only_the_summary_on_stdout(make_config, tmp_path: Pat
     assert "round 2/2" in done.stderr and "dp: central, noise multiplier 0.0000" in done.stderr
     plain = fltool("train", str(cfg_path), "federated.rounds=1", cwd=tmp_path)
     assert "target_reached_round: -" in plain.stdout and "None" not in plain.stdout
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(make_config, tmp_path):
+    """A scheduler's SIGTERM (preemption, a time limit) ends `fltool train` as Ctrl-C does:
+    exit 130, the last checkpoint intact, and the one command that continues the run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fltool.config import dump_config
+    from fltool.run.checkpoint import load_checkpoint
+
+    run_dir = tmp_path / "run"
+    path = tmp_path / "long.yaml"
+    path.write_text(dump_config(make_config(federated={"rounds": 100000, "local_epochs": 1}, output={"run_dir": str(run_dir)})))
+    proc = subprocess.Popen([sys.executable, "-m", "fltool", "train", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = run_dir / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert last.exists(), proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted: the last checkpoint is intact; continue with `fltool train --resume {run_dir}`"
+    )
+    done = load_checkpoint(last).round
+    more = CliRunner().invoke(app, ["train", "--resume", str(run_dir), f"federated.rounds={done + 1}"])
+    assert more.exit_code == 0, more.output
+    assert load_checkpoint(last).round == done + 1

@@ -22,14 +22,13 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fltool.errors import FltoolError
+from fltool.run.signals import sigterm_as_interrupt
 from fltool.run.sweep_spec import SEED, SweepPlan, prepare_dir
 
 SUMMARY_FILE = "summary.csv"
@@ -87,27 +86,6 @@ def spawn_process(cmd: list[str], log: Any, env: dict[str, str]) -> subprocess.P
 
 def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM stops the sweep as Ctrl-C does: its runs are asked to stop at a round
-    boundary and the summary is written. Without this, `kill` ended the sweep alone and
-    its runs, each in a session of its own, trained on as orphans. It is also the way
-    to stop a sweep started in the background of a script, which inherits SIGINT
-    ignored (as every background job of a non-interactive shell does)."""
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def run_sweep(
