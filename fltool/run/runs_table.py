@@ -137,7 +137,7 @@ def run_info(run_dir: Path, root: Path | None = None) -> RunInfo:
     walls = [_number(r.get("elapsed_s")) for r in rows]
     wall = next((w for w in reversed(walls) if w is not None), None)
     reason = rows[-1].get("stopped") if rows else None
-    stopped = reason if isinstance(reason, str) else None
+    stopped = reason if isinstance(reason, str) and reason else None
     if (planned is not None and done >= planned) or target_round is not None:
         status = "finished"
     elif stopped is not None:
