@@ -33,7 +33,7 @@ from fltool.trainers.ddp_optim import make_optimizer, make_scheduler, resume_sch
 from fltool.distributed.sharding import rank_batches, steps_per_epoch
 from fltool.run.checkpoint import Checkpoint, make_checkpoint, save_checkpoint
 from fltool.trainers.evaluate import evaluate
-from fltool.trainers.progress import Decision, Progress, RunSummary, all_finite, summarize
+from fltool.trainers.progress import Decision, Progress, RunSummary, all_finite, diverged, read_scalars, summarize
 from fltool.run.metrics import MetricsLog
 from fltool.run.resume import check_resumable
 from fltool.run.rundir import best_checkpoint, last_checkpoint
@@ -41,17 +41,6 @@ from fltool.devices import resolve_device
 from fltool.models.setup import seeded_model
 
 RowCallback = Callable[[dict[str, Any]], None]
-
-
-def diverged(epoch: int) -> str:
-    return f"diverged: the model has non-finite parameters after epoch {epoch}"
-
-
-def read_epoch(loss_sum: torch.Tensor, finite: torch.Tensor) -> tuple[float, bool]:
-    """(loss sum, finite) on the host, in one sync (`loss_sum` is float64: the value is
-    the one `.item()` reads)."""
-    loss, ok = torch.stack([loss_sum.to(torch.float64), finite.to(torch.float64)]).tolist()
-    return loss, ok == 1.0
 
 
 def wrap_model(model: nn.Module, device: torch.device, compile_model: bool) -> nn.Module:
@@ -149,7 +138,7 @@ def train_ddp(
     if resume is not None and not all_finite(list(raw.parameters())).item():  # (one sync, at set-up)
         # a run that diverged stops again, training no NaN epochs, whatever its new epoch
         # cap; every rank restored the same checkpoint, so every rank skips the loop
-        stopped, start = diverged(resume.round), dcfg.epochs + 1
+        stopped, start = diverged("epoch", resume.round), dcfg.epochs + 1
 
     model = wrap_model(raw, device, dcfg.compile)
     autocast = autocast_for(dcfg.amp, device)
@@ -177,9 +166,9 @@ def train_ddp(
         # same parameters: each rank decides a divergence stop identically, without a
         # collective, and all of them evaluate (broadcast), wait at the barrier and
         # break at the same epoch.
-        loss, finite = read_epoch(loss_sum, all_finite(list(raw.parameters())))
+        loss, finite = read_scalars(loss_sum, all_finite(list(raw.parameters())))
         if not finite:
-            stopped = diverged(epoch)
+            stopped = diverged("epoch", epoch)
         row: dict[str, Any] = {
             "epoch": epoch,
             "steps": steps * epoch,

@@ -39,8 +39,8 @@ from fltool.run.rundir import best_checkpoint, last_checkpoint
 from fltool.trainers.availability import RoundPlan, malicious_for_run, plan_round, redraw_after_abort
 from fltool.trainers.evaluate import evaluate
 from fltool.trainers.privacy_budget import budget_for
-from fltool.trainers.progress import Progress, RunSummary, all_finite, summarize
-from fltool.trainers.rows import read_round, round_row, server_columns
+from fltool.trainers.progress import Progress, RunSummary, all_finite, diverged, read_scalars, summarize
+from fltool.trainers.rows import round_row, server_columns
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
@@ -293,10 +293,6 @@ def store_client_rows(store: ClientStore, new_rows: list[tuple[Tensor, Stacked]]
     store.write(ids, rows)
 
 
-def diverged(round_: int) -> str:
-    return f"diverged: the global model has non-finite parameters after round {round_}"
-
-
 def train_federated(
     cfg: Config,
     run_dir: Path,
@@ -338,7 +334,7 @@ def train_federated(
     stopped = None
     if resume is not None and not all_finite(params).item():  # (one sync, at set-up)
         # a run that diverged stops again, training no NaN rounds, whatever its new round cap
-        stopped, start = diverged(resume.round), fed.rounds + 1
+        stopped, start = diverged("round", resume.round), fed.rounds + 1
     elapsed0 = log.rows[-1]["elapsed_s"] if log.rows else 0.0
     t0 = time.perf_counter()
 
@@ -358,9 +354,9 @@ def train_federated(
         # the round's one host sync: its loss, its bytes and whether the new global model
         # is finite. Every rank holds the same global model, so under `launch` each one
         # decides a divergence stop identically, without a collective.
-        loss, sent, finite = (None, 0.0, True) if loss_sum is None else read_round(loss_sum, bytes_up, all_finite(params))
+        loss, sent, finite = (None, 0.0, 1.0) if loss_sum is None else read_scalars(loss_sum, bytes_up, all_finite(params))
         if not finite:
-            stopped = diverged(r)
+            stopped = diverged("round", r)
         n_total = sum(clients[k].n for k in plan.returned)  # every rank knows every n_k
         row = round_row(cfg, r, plan, None if loss is None else loss / n_total, sent, model_bytes)
         if progress.evaluates(r, last=not finite):

@@ -77,6 +77,18 @@ def all_finite(params: Sequence[Tensor]) -> Tensor:
     return torch.stack([p.detach().isfinite().all() for p in params]).all()
 
 
+def read_scalars(*scalars: Tensor) -> list[float]:
+    """Device scalars on the host in one sync, as float64 (float32, float64 and bool
+    widen exactly: each value is the one `.item()` reads)."""
+    return torch.stack([t.to(torch.float64) for t in scalars]).tolist()
+
+
+def diverged(unit: str, index: int) -> str:
+    """The stop reason of a run whose model went NaN or inf after round (epoch) `index`."""
+    model = "global model" if unit == "round" else "model"
+    return f"diverged: the {model} has non-finite parameters after {unit} {index}"
+
+
 def target_reached_at(rows: list[dict[str, Any]], unit: str, target: float | None) -> int | None:
     """The first round (epoch) of `rows` whose test accuracy met `target`."""
     if target is None:

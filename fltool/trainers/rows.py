@@ -5,19 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch import Tensor
 
 from fltool.config import Config
 from fltool.trainers.availability import RoundPlan
 from fltool.trainers.privacy_budget import Budget
-
-
-def read_round(loss_sum: Tensor, bytes_up: Tensor, finite: Tensor) -> tuple[float, float, bool]:
-    """(loss sum, bytes up, finite) on the host, in one sync (float32 and float64
-    widen to float64 exactly: the values are those `.item()` reads)."""
-    loss, sent, ok = torch.stack([t.to(torch.float64) for t in (loss_sum, bytes_up, finite)]).tolist()
-    return loss, sent, ok == 1.0
 
 
 def round_row(cfg: Config, round_: int, plan: RoundPlan, train_loss: float | None, bytes_up: float, model_bytes: int) -> dict[str, Any]:
