@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from fltool.config import Config
 from fltool.trainers.availability import RoundPlan
 from fltool.trainers.privacy_budget import Budget
