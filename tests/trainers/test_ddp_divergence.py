@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -141,10 +140,8 @@ def test_two_launched_ranks_stop_at_the_same_epoch(tmp_path):
     fail after ddp.timeout_s instead of exiting 0."""
     raw = raw_config(tmp_path, "two", lr=1e6, timeout_s=20)
     cfg = write_config(tmp_path / "two.yaml", raw)
-    t0 = time.perf_counter()
     done = run_cli("launch", "--nproc", "2", str(cfg), cwd=tmp_path, timeout=100)
     assert done.returncode == 0, done.stderr
-    assert time.perf_counter() - t0 < 60  # (no rank waited out a timeout)
     run_dir = tmp_path / "two"
     assert [r["epoch"] for r in read_metrics(run_dir)] == [1]
     assert load_checkpoint(last_checkpoint(run_dir)).round == 1
