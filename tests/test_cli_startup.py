@@ -39,3 +39,29 @@ def test_main_freezes_the_heap_before_the_interpreter_tears_down():
     assert done.stdout.splitlines() == [f"fltool {__version__}", "exit 0 froze 1"]
     bad = subprocess.run([sys.executable, "-m", "fltool", "train", "no-such.yaml"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ")
+
+
+def test_the_collector_pauses_for_the_imports_and_resumes_for_the_command():
+    """Importing torch builds objects that live as long as the process; collecting while
+    they are built finds nothing. `main` pauses the collector until the command's
+    imports are done, then freezes what they made and resumes it; a caller in the same
+    process gets it back enabled."""
+    code = (
+        "import gc, sys, fltool.cli\n"
+        "log = []\n"
+        "gc.callbacks.append(lambda phase, info: phase == 'start' and log.append('collect'))\n"
+        "resume = fltool.cli.resume_gc\n"
+        "def spy():\n"
+        "    log.append('torch' if 'torch' in sys.modules else 'no torch')\n"
+        "    resume()\n"
+        "    log.append('enabled' if gc.isenabled() else 'disabled')\n"
+        "fltool.cli.resume_gc = spy\n"
+        "try:\n    fltool.cli.main(['eval', 'no-such-checkpoint.pt'])\n"
+        "except SystemExit as e:\n    log.append(f'exit {e.code}')\n"
+        "print(log[:2], log[-1], gc.isenabled(), gc.get_freeze_count(), sep='|')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    first_two, last, enabled_after, frozen = done.stdout.strip().split("|")
+    # no collection before the command's imports were done, which include torch
+    assert (first_two, last, enabled_after) == ("['torch', 'enabled']", "exit 2", "True")
+    assert int(frozen) > 100_000  # torch's objects, out of the collector's reach

@@ -13,6 +13,9 @@ import gc
 import sys
 from pathlib import Path
 
+if __name__ == "__main__":
+    gc.disable()  # during the imports below, as `fltool.cli.main` (see `fltool.cli.resume_gc`)
+
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from fltool.config import load_config
@@ -80,5 +83,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    gc.freeze()
+    gc.enable()
     main()
     gc.freeze()  # as `fltool.cli.main`: the exit's collections would walk all of torch's objects
