@@ -1,3 +1,3 @@
-from fltool.cli import main
+from fltool.cli import entry
 
-main()
+entry()

@@ -264,13 +264,21 @@ def main(argv: list[str] | None = None) -> None:
             command = exc.ctx.command_path if exc.ctx is not None else "fltool"
             typer.echo(f"error: {command}: {exc.format_message()} (see `{command} --help`)", err=True)
         code = exc.exit_code
-    # Everything is written and flushed by now. At exit the interpreter's last garbage
-    # collections walk every object torch's import made (0.45 s of a 4 s run on a 2-core
-    # VM); frozen objects are skipped, and nothing of ours needs collecting any more.
-    gc.freeze()
     gc.enable()  # for an in-process caller; a usage error exits before `resume_gc`
     sys.exit(code or 0)
 
 
+def entry() -> None:
+    """The `fltool` console script and `python -m fltool`: `main`, then an exit without
+    the interpreter's teardown (`fltool.process_exit`). `main` itself returns to an
+    in-process caller as any function does."""
+    from fltool.process_exit import exit_quickly
+
+    try:
+        main()
+    except SystemExit as exc:
+        exit_quickly(exc.code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

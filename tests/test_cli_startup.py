@@ -24,23 +24,6 @@ def test_the_cli_module_imports_no_torch():
     assert done.stdout.strip() == "[]"
 
 
-def test_main_freezes_the_heap_before_the_interpreter_tears_down():
-    """The last collections at exit would walk every object torch's import made (about
-    0.45 s a command on the 2-core VM, scripts/bench_vs_flower.py); the output is
-    complete and flushed by then, and the exit code is the command's."""
-    code = (
-        "import gc, sys, fltool.cli\n"
-        "calls = []\n"
-        "gc.freeze = lambda: calls.append(1)\n"
-        "try:\n    fltool.cli.main(['--version'])\n"
-        "except SystemExit as e:\n    print('exit', e.code, 'froze', len(calls))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.splitlines() == [f"fltool {__version__}", "exit 0 froze 1"]
-    bad = subprocess.run([sys.executable, "-m", "fltool", "train", "no-such.yaml"], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: ")
-
-
 def test_the_collector_pauses_for_the_imports_and_resumes_for_the_command():
     """Importing torch builds objects that live as long as the process; collecting while
     they are built finds nothing. `main` pauses the collector until the command's

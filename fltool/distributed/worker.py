@@ -29,6 +29,7 @@ from fltool.trainers.privacy_budget import describe as describe_budget
 from fltool.run.rundir import CONFIG_FILE, last_checkpoint
 from fltool.run.runner import summary_dict, what_to_train
 from fltool.errors import FltoolError
+from fltool.process_exit import exit_quickly
 from fltool.ui import PlainReporter
 
 
@@ -86,4 +87,4 @@ if __name__ == "__main__":
     gc.freeze()
     gc.enable()
     main()
-    gc.freeze()  # as `fltool.cli.main`: the exit's collections would walk all of torch's objects
+    exit_quickly(0)  # as `fltool.cli.entry`: without libtorch's C++ teardown

@@ -1,0 +1,50 @@
+"""Ending a command's process once Python has nothing left to do.
+
+After `import torch`, the interpreter's normal exit runs libtorch's C++ static
+destructors: every operator is deregistered from the dispatcher one by one (each
+recomputing dispatch tables), and the CUDA libraries loaded with torch, GPU or not,
+unregister their kernels. That is work for a process that is going away anyway, and a
+noticeable share of a short command's time. So the console entry points finish what
+Python's exit would (the `atexit` handlers, flushing stdout and stderr), then end the
+process with `os._exit`. Our files are all written and closed by then: every write goes
+through a `with` block and an atomic rename (`fltool.run.atomic`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import os
+import sys
+import threading
+from typing import NoReturn
+
+
+def exit_code(status: object) -> int:
+    """The exit status `sys.exit(status)` would give: None is 0, an int is itself, any
+    other object is printed to stderr and gives 1."""
+    if status is None:
+        return 0
+    if isinstance(status, int):
+        return status
+    print(status, file=sys.stderr)
+    return 1
+
+
+def exit_quickly(status: object = 0) -> NoReturn:
+    """`sys.exit(status)`, less the interpreter's own teardown.
+
+    A non-daemon thread still running would be killed by `os._exit`; then this takes
+    the normal exit, which waits for it."""
+    code = exit_code(status)
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if others:
+        gc.freeze()  # the normal exit's last collections would walk all of torch's objects
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away, a closed stream
+            pass
+    os._exit(code)
