@@ -66,7 +66,8 @@ class Scaffold(FedAvg):
             c_new = list(context["global_grad"])
         else:  # c_i - c + (x - y_i) / (K_i lr), with c_i - c = -correction
             scale = 1.0 / (info.steps * self.rule.lr)
-            c_new = [-corr - d * per_client(scale, d) for corr, d in zip(context["correction"], delta, strict=True)]
+            # -(correction + d * scale): one pass and an in-place negation, no temporaries
+            c_new = [torch.addcmul(corr, d, per_client(scale, d)).neg_() for corr, d in zip(context["correction"], delta, strict=True)]
         dc = [cn - ci for cn, ci in zip(c_new, context["c_i"], strict=True)]
         return Upload(delta=delta, weight=torch.ones_like(info.n), extras={"c": dc}, state={"c": c_new})
 

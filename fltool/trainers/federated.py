@@ -282,6 +282,10 @@ def train_or_redraw(
 def store_client_rows(store: ClientStore, new_rows: list[tuple[Tensor, Stacked]], comm: Comm) -> None:
     """Write the cohort's new state rows; under `launch`, every rank's, so that each rank
     keeps the whole table."""
+    if comm.world_size == 1:  # nothing to gather: each chunk's rows go straight in, no joined copy
+        for ids, rows in new_rows:
+            store.write(ids, rows)
+        return
     names = sorted(new_rows[0][1])
     ids = torch.cat([i for i, _ in new_rows])
     columns = [torch.cat(parts) for parts in zip(*(sum((rows[n] for n in names), []) for _, rows in new_rows), strict=True)]
