@@ -34,11 +34,13 @@ def exit_code(status: object) -> int:
 def exit_quickly(status: object = 0) -> NoReturn:
     """`sys.exit(status)`, less the interpreter's own teardown.
 
-    A non-daemon thread still running would be killed by `os._exit`; then this takes
-    the normal exit, which waits for it."""
+    The normal exit is taken instead where something would be lost: a non-daemon thread
+    still running (`os._exit` would kill it), or a profiler or tracer watching the
+    process (`python -m cProfile -o FILE -m fltool ...` writes FILE after the command
+    returns, not in an `atexit` handler)."""
     code = exit_code(status)
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
-    if others:
+    if others or sys.getprofile() is not None or sys.gettrace() is not None:
         gc.freeze()  # the normal exit's last collections would walk all of torch's objects
         sys.exit(code)
     atexit._run_exitfuncs()

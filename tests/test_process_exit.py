@@ -58,3 +58,11 @@ def test_the_console_entry_keeps_the_commands_exit_codes_and_output(tmp_path):
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and len(missing.stderr.splitlines()) == 1
     usage = subprocess.run([sys.executable, "-m", "fltool", "train", "--bogus"], capture_output=True, text=True, timeout=120)
     assert usage.returncode == 2 and "No such option: --bogus" in usage.stderr
+
+
+def test_a_profiler_still_writes_its_file(tmp_path):
+    """`python -m cProfile -o FILE -m fltool ...` writes FILE once the module returns."""
+    out = tmp_path / "fltool.prof"
+    done = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(out), "-m", "fltool", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("fltool ")
+    assert out.stat().st_size > 0
