@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ import typer
 
 from fltool.run.rundir import RunInterrupted
 from fltool.errors import FltoolError
+from fltool.process import exit_quickly, pause_gc, resume_gc
 
 app = typer.Typer(
     add_completion=True,
@@ -53,7 +53,7 @@ def user_errors(resume_with: str = "fltool train") -> Iterator[None]:
     FLTOOL_DEBUG=1 keeps the traceback.
 
     Every command enters this right after its imports, so it is also where the garbage
-    collector, paused by `main` while they ran, resumes (see `main`)."""
+    collector, paused by `main` while they ran, resumes (`fltool.process`)."""
     resume_gc()
     try:
         yield
@@ -68,17 +68,6 @@ def user_errors(resume_with: str = "fltool train") -> Iterator[None]:
             raise
         typer.echo(interrupt_message(exc, resume_with), err=True)
         raise typer.Exit(130) from None
-
-
-def resume_gc() -> None:
-    """Importing torch builds some 200k objects that live as long as the process; the
-    collections they trigger on the way find no garbage and are a noticeable share of a
-    short CPU run's start. So `main` pauses the collector for the imports, and here,
-    once they are done, what they made is frozen out of its reach (later collections
-    stay cheap too) and it runs again."""
-    if not gc.isenabled():
-        gc.freeze()
-        gc.enable()
 
 
 def interrupt_message(exc: KeyboardInterrupt, resume_with: str) -> str:
@@ -256,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the CLI. A usage error (an unknown option, `--nproc abc`, a missing argument) is
     one line and exit 2 like every other input error, not click's framed usage box."""
     usage_error = typer.BadParameter.__bases__[0]  # click's UsageError, vendored by typer or not
-    gc.disable()  # while the command imports torch; `user_errors` resumes it (`resume_gc`)
+    pause_gc()  # while the command imports torch; `user_errors` resumes it
     try:
         code = app(prog_name="fltool", args=argv, standalone_mode=False)
     except usage_error as exc:
@@ -264,16 +253,14 @@ def main(argv: list[str] | None = None) -> None:
             command = exc.ctx.command_path if exc.ctx is not None else "fltool"
             typer.echo(f"error: {command}: {exc.format_message()} (see `{command} --help`)", err=True)
         code = exc.exit_code
-    gc.enable()  # for an in-process caller; a usage error exits before `resume_gc`
+    resume_gc()  # for an in-process caller; a usage error exits before `user_errors`
     sys.exit(code or 0)
 
 
 def entry() -> None:
     """The `fltool` console script and `python -m fltool`: `main`, then an exit without
-    the interpreter's teardown (`fltool.process_exit`). `main` itself returns to an
+    the interpreter's teardown (`fltool.process`). `main` itself returns to an
     in-process caller as any function does."""
-    from fltool.process_exit import exit_quickly
-
     try:
         main()
     except SystemExit as exc:

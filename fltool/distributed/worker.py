@@ -9,12 +9,13 @@ so all ranks agree on names, paths and overrides. If RUN_DIR holds a last checkp
 
 from __future__ import annotations
 
-import gc
 import sys
 from pathlib import Path
 
+from fltool.process import exit_quickly, pause_gc, resume_gc
+
 if __name__ == "__main__":
-    gc.disable()  # during the imports below, as `fltool.cli.main` (see `fltool.cli.resume_gc`)
+    pause_gc()  # during the imports below, as `fltool.cli.main`
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -29,7 +30,6 @@ from fltool.trainers.privacy_budget import describe as describe_budget
 from fltool.run.rundir import CONFIG_FILE, last_checkpoint
 from fltool.run.runner import summary_dict, what_to_train
 from fltool.errors import FltoolError
-from fltool.process_exit import exit_quickly
 from fltool.ui import PlainReporter
 
 
@@ -84,7 +84,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    gc.freeze()
-    gc.enable()
+    resume_gc()
     main()
     exit_quickly(0)  # as `fltool.cli.entry`: without libtorch's C++ teardown

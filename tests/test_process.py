@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fltool.process_exit import exit_code
+from fltool.process import exit_code
 
 
 def run(code: str) -> subprocess.CompletedProcess:
@@ -19,7 +19,7 @@ def run(code: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(("status", "code"), [(None, 0), (0, 0), (3, 3), ("boom", 1)])
 def test_the_exit_code_is_the_one_sys_exit_gives(status, code):
     assert exit_code(status) == code
-    done = run(f"import torch; from fltool.process_exit import exit_quickly; exit_quickly({status!r})")
+    done = run(f"import torch; from fltool.process import exit_quickly; exit_quickly({status!r})")
     plain = run(f"import sys; sys.exit({status!r})")
     assert (done.returncode, done.stderr) == (plain.returncode, plain.stderr) == (code, "boom\n" if code == 1 else "")
 
@@ -27,7 +27,7 @@ def test_the_exit_code_is_the_one_sys_exit_gives(status, code):
 def test_atexit_handlers_run_and_buffered_output_arrives():
     code = (
         "import atexit, sys, torch\n"
-        "from fltool.process_exit import exit_quickly\n"
+        "from fltool.process import exit_quickly\n"
         "atexit.register(lambda: print('handler ran'))\n"
         "sys.stdout.write('x' * 100_000)\n"  # more than a pipe holds, still buffered in part
         "sys.stderr.write('to stderr')\n"
@@ -41,7 +41,7 @@ def test_atexit_handlers_run_and_buffered_output_arrives():
 def test_a_running_non_daemon_thread_finishes_first():
     code = (
         "import threading, time\n"
-        "from fltool.process_exit import exit_quickly\n"
+        "from fltool.process import exit_quickly\n"
         "def work():\n    time.sleep(0.5); print('thread done', flush=True)\n"
         "threading.Thread(target=work).start()\n"
         "exit_quickly(0)\n"
