@@ -1,22 +1,22 @@
 """A seeded fuzz of malformed configs and overrides through the real CLI: at least 200
 inputs (syntax, types, ranges, nesting, aliases, encodings, sizes), each of which must
-end in exit 2 with only `error:` lines, no traceback, and quickly (no hang). A mutation
+end in exit 2 with only `error:` lines and no traceback; a hang (an alias bomb expanded,
+a read that never ends) fails the test through its timeout, not a timed assert. A mutation
 that happens to stay valid is skipped (`--print-config` then prints it and exits 0),
 and another is drawn."""
 
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from fltool.cli import app
 from fltool.config import Config, dump_config
 
 WANTED = 200
-SECONDS_PER_CASE = 5.0
 KEYS = [
     "seed", "name", "federated.rounds", "federated.fraction", "federated.lr", "federated.num_clients",
     "federated.batch_size", "federated.engine", "aggregator.name", "algorithm.name", "dp.mode", "dp.clip_norm",
@@ -83,11 +83,11 @@ def generate(rng: random.Random) -> tuple[bytes | None, list[str]]:
     return f"{section}: {rng.choice(['[1, 2]', '5', 'abc', '{name: {}}', 'null', '{rounds: {a: 1}}'])}\n".encode(), []
 
 
+@pytest.mark.timeout(60)  # the whole fuzz takes seconds; a hang stops here
 def test_two_hundred_malformed_inputs_exit_2_in_one_line_each(tmp_path: Path):
     rng = random.Random(1234)
     runner = CliRunner()
     checked = skipped = 0
-    started = time.monotonic()
     while checked < WANTED:
         content, overrides = generate(rng)
         args = ["train", "--print-config"]
@@ -98,10 +98,7 @@ def test_two_hundred_malformed_inputs_exit_2_in_one_line_each(tmp_path: Path):
         else:
             args.append(str(tmp_path / "base.yaml"))
             (tmp_path / "base.yaml").write_text(valid_text())
-        t0 = time.monotonic()
         result = runner.invoke(app, [*args, *overrides])
-        took = time.monotonic() - t0
-        assert took < SECONDS_PER_CASE, (args, overrides, took)
         if result.exit_code == 0:  # the mutation left a valid config
             skipped += 1
             continue
@@ -113,4 +110,3 @@ def test_two_hundred_malformed_inputs_exit_2_in_one_line_each(tmp_path: Path):
         assert all(len(line) <= 1000 for line in lines), (case, max(map(len, lines)))
         checked += 1
     assert skipped < WANTED, skipped  # the generator mostly makes bad inputs
-    assert time.monotonic() - started < 60
