@@ -52,7 +52,11 @@ class Scaffold(FedAvg):
 
     def client_context(self, server_state: dict[str, list[Tensor]], client_state: Stacked, global_params: Sequence[Tensor]) -> Stacked:
         c_i = client_state["c"]
-        return {"c_i": c_i, "correction": [c.unsqueeze(0) - ci for c, ci in zip(server_state["c"], c_i, strict=True)]}
+        c = server_state["c"]
+        # c - c_i in c_i's memory layout, the engine's (see ClientStore), where `c - c_i` would take c's
+        correction = [torch.sub(s, ci, out=torch.empty_like(ci)) for s, ci in zip(c, c_i, strict=True)]
+        # -c as (1, ...): the same for every client of the chunk, broadcast
+        return {"c_i": c_i, "correction": correction, "minus_c": [-s.unsqueeze(0) for s in c]}
 
     def adjust_gradients_(
         self, grads: list[Tensor], params: Sequence[Tensor], anchor: Sequence[Tensor], context: Stacked, active: Tensor
@@ -64,11 +68,15 @@ class Scaffold(FedAvg):
         delta = client_deltas(params, global_params)
         if self.config.option == 1:
             c_new = list(context["global_grad"])
-        else:  # c_i - c + (x - y_i) / (K_i lr), with c_i - c = -correction
-            scale = 1.0 / (info.steps * self.rule.lr)
-            # -(correction + d * scale): one pass and an in-place negation, no temporaries
-            c_new = [torch.addcmul(corr, d, per_client(scale, d)).neg_() for corr, d in zip(context["correction"], delta, strict=True)]
-        dc = [cn - ci for cn, ci in zip(c_new, context["c_i"], strict=True)]
+            dc = [cn - ci for cn, ci in zip(c_new, context["c_i"], strict=True)]
+        else:  # c_i+ = c_i - c + (x - y_i) / (K_i lr), so c_i+ - c_i = -c - d / (K_i lr) with d = y_i - x
+            scale = -1.0 / (info.steps * self.rule.lr)
+            # in d's memory layout (the engine's): two passes over the rows, no temporaries
+            dc = [
+                torch.addcmul(minus_c, d, per_client(scale, d), out=torch.empty_like(d))
+                for minus_c, d in zip(context["minus_c"], delta, strict=True)
+            ]
+            c_new = [ci + x for ci, x in zip(context["c_i"], dc, strict=True)]
         return Upload(delta=delta, weight=torch.ones_like(info.n), extras={"c": dc}, state={"c": c_new})
 
     def server_update(

@@ -66,3 +66,56 @@ def test_a_stateless_algorithm_keeps_an_empty_store():
     assert store.rows([3, 4]) == {} and store.state_dict() == {}
     store.write(torch.tensor([3]), {})
     store.load_state_dict({})
+
+
+def transposed(rows: torch.Tensor) -> torch.Tensor:
+    """rows (M, O, I) laid out as the vectorized engine lays out a Linear layer's
+    stacked weight (its gradient's layout): (M, I, O) in memory."""
+    return rows.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def test_the_table_takes_the_layout_of_the_rows_written_and_rows_come_out_in_it():
+    """Values never change, only strides: reads and writes then sweep memory linearly."""
+    store = ClientStore(initial(), 5, CPU)
+    values = torch.arange(2 * 6.0).view(2, 2, 3)
+    store.write(torch.tensor([3, 0]), {"c": [transposed(values), torch.ones(2, 3)], "s": [torch.zeros(2, 2)]})
+    table = store.tables["c"][0]
+    assert table.shape == (5, 2, 3) and table.stride() == (6, 1, 2)  # each row (3, 2) in memory
+    got = store.rows([0, 3, 1])["c"][0]
+    assert got.stride() == (6, 1, 2)
+    assert torch.equal(got, torch.stack([values[1], values[0], torch.zeros(2, 3)]))
+    assert store.tables["c"][1].is_contiguous()  # a bias row: nothing to lay out
+
+
+def test_a_contiguous_write_does_not_flip_the_layout_back():
+    """Under `launch` joined rows arrive contiguous; one round's engine rows are not: the
+    table keeps the first non-contiguous layout instead of copying itself every round."""
+    store = ClientStore(initial(), 4, CPU)
+    first = torch.randn(1, 2, 3)
+    store.write(torch.tensor([1]), {"c": [transposed(first), torch.zeros(1, 3)], "s": [torch.zeros(1, 2)]})
+    table = store.tables["c"][0]
+    second = torch.randn(2, 2, 3)
+    store.write(torch.tensor([2, 0]), {"c": [second, torch.zeros(2, 3)], "s": [torch.zeros(2, 2)]})
+    assert store.tables["c"][0] is table and table.stride() == (6, 1, 2)
+    assert torch.equal(store.rows([0, 1, 2])["c"][0], torch.stack([second[1], first[0], second[0]]))
+
+
+def test_a_relaid_table_round_trips_through_state_dict():
+    store = ClientStore(initial(), 3, CPU)
+    store.write(torch.tensor([2]), {"c": [transposed(torch.randn(1, 2, 3)), torch.ones(1, 3)], "s": [torch.ones(1, 2)]})
+    saved = {k: [t.clone() for t in v] for k, v in store.state_dict().items()}
+    fresh = ClientStore(initial(), 3, CPU)
+    fresh.load_state_dict(saved)
+    for name in ("c", "s"):
+        assert all(torch.equal(a, b) for a, b in zip(fresh.rows(range(3))[name], store.rows(range(3))[name]))
+
+
+def test_rows_with_gaps_or_overlaps_leave_the_layout_alone():
+    store = ClientStore(initial(), 3, CPU)
+    wide = torch.randn(2, 2, 6)[:, :, ::2]  # every other element: gaps
+    broadcast = torch.randn(2, 3).unsqueeze(0).expand(2, 2, 3)  # overlapping rows
+    store.write(torch.tensor([0, 1]), {"c": [wide, torch.zeros(2, 3)], "s": [torch.zeros(2, 2)]})
+    store.write(torch.tensor([0, 2]), {"c": [broadcast, torch.zeros(2, 3)], "s": [torch.zeros(2, 2)]})
+    assert store.tables["c"][0].is_contiguous()
+    assert torch.equal(store.rows([1])["c"][0], wide[1:])
+    assert torch.equal(store.rows([0, 2])["c"][0], broadcast)

@@ -182,6 +182,17 @@ def test_option_i_upload_takes_the_full_data_gradient_at_x():
     torch.testing.assert_close(up.extras["c"][0], torch.tensor([[2.0, -5.0]]))
 
 
+def test_the_context_keeps_the_layout_of_the_clients_rows():
+    """The correction is added to every local step's gradient: in the layout of the
+    stacked rows (the engine's, see ClientStore) that add sweeps memory linearly."""
+    algo = Scaffold(ScaffoldConfig(name="scaffold"), FederatedConfig(lr=0.1))
+    c_i = torch.randn(4, 2, 3).transpose(1, 2).contiguous().transpose(1, 2)
+    c = torch.randn(2, 3)
+    context = algo.client_context({"c": [c]}, {"c": [c_i]}, [torch.zeros(2, 3)])
+    assert context["correction"][0].stride() == c_i.stride()
+    assert torch.equal(context["correction"][0], c - c_i)
+
+
 def test_option_must_be_1_or_2(fl):
     from fltool.errors import FltoolError
 
