@@ -6,12 +6,14 @@ validated before anything runs (see `fltool.run.sweep`)."""
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fltool.config.messages import cut
 from fltool.errors import FltoolError
 
 SWEEP_FILE = "sweep.yaml"
@@ -20,6 +22,9 @@ SEED = "seed"
 RESERVED = ("output.run_dir", "output.dir", "name")
 
 _RANGE = re.compile(r"^range\(\s*(-?\d+)\s*(?:,\s*(-?\d+)\s*)?(?:,\s*(-?\d+)\s*)?\)$")
+# a grid is counted before it is built: `seed=range(10**8)` would otherwise fill memory
+# (every point's config is validated up front) long before anything ran
+MAX_RUNS = 10_000
 
 
 @dataclass
@@ -38,6 +43,11 @@ class SweepPlan:
 
     def run_dir(self, i: int) -> Path:
         return self.dir / self.names[i]
+
+
+def _shown(text: str) -> str:
+    """A token as an error line shows it: a 5,000-digit range is cut, not printed."""
+    return cut(text, len(text), "characters")
 
 
 def split_values(text: str) -> list[str]:
@@ -64,10 +74,15 @@ def expand_item(key: str, item: str) -> list[str]:
     match = _RANGE.match(item)
     if not match:
         return [item]
+    if any(len(g.lstrip("-")) > 18 for g in match.groups() if g is not None):
+        raise FltoolError(f"sweep: {_shown(f'{key}={item}')}: a range's numbers must have at most 18 digits")
     numbers = [int(g) for g in match.groups() if g is not None]
     if len(numbers) == 3 and numbers[2] == 0:
-        raise FltoolError(f"sweep: {key}={item}: a range's step must not be 0")
-    return [str(v) for v in range(*numbers)]
+        raise FltoolError(f"sweep: {_shown(f'{key}={item}')}: a range's step must not be 0")
+    values = range(*numbers)
+    if len(values) > MAX_RUNS:
+        raise FltoolError(f"sweep: {_shown(f'{key}={item}')}: {len(values):,} values; a sweep runs at most {MAX_RUNS:,}")
+    return [str(v) for v in values]
 
 
 def parse_axes(tokens: list[str]) -> list[Axis]:
@@ -76,22 +91,26 @@ def parse_axes(tokens: list[str]) -> list[Axis]:
         key, eq, text = token.partition("=")
         key = key.strip()
         if not eq or not key:
-            raise FltoolError(f"sweep: {token!r}: expected key=value[,value...]")
+            raise FltoolError(f"sweep: {_shown(repr(token))}: expected key=value[,value...]")
         if key in RESERVED:
-            raise FltoolError(f"sweep: {key}: the sweep sets it for each run (use --dir for where the runs go)")
+            raise FltoolError(f"sweep: {_shown(key)}: the sweep sets it for each run (use --dir for where the runs go)")
         if any(a.key == key for a in axes):
-            raise FltoolError(f"sweep: {key}: given twice")
+            raise FltoolError(f"sweep: {_shown(key)}: given twice")
         if not text.strip():
-            raise FltoolError(f"sweep: {token}: no values; write {key}=a,b,... or {key}=range(n)")
+            raise FltoolError(f"sweep: {_shown(token)}: no values; write {_shown(key)}=a,b,... or {_shown(key)}=range(n)")
         items = split_values(text)
         if any(item == "" for item in items):
-            raise FltoolError(f"sweep: {token}: an empty value in the list")
+            raise FltoolError(f"sweep: {_shown(token)}: an empty value in the list")
         values = [v for item in items for v in expand_item(key, item)]
         if not values:
-            raise FltoolError(f"sweep: {token}: an empty list of values")
+            raise FltoolError(f"sweep: {_shown(token)}: an empty list of values")
         if len(set(values)) != len(values):
-            raise FltoolError(f"sweep: {token}: a value repeats")
+            raise FltoolError(f"sweep: {_shown(token)}: a value repeats")
         axes.append(Axis(key, values))
+    runs = math.prod(len(a.values) for a in axes)
+    if runs > MAX_RUNS:
+        sizes = " x ".join(str(len(a.values)) for a in axes)
+        raise FltoolError(f"sweep: {sizes} = {runs:,} runs; a sweep runs at most {MAX_RUNS:,}")
     return axes
 
 

@@ -155,6 +155,12 @@ def test_another_sweep_in_the_same_dir_is_refused(tmp_path, config):
         (["seed"], "expected key=value"),
         ([], "no axes"),
         (["output.run_dir=x,y"], "the sweep sets it"),
+        # counted before the grid is built or any point validated: no memory blow-up, no hang
+        (["seed=range(100000000)"], "seed=range(100000000): 100,000,000 values; a sweep runs at most 10,000"),
+        (["seed=range(0, 1000000, 2)"], "500,000 values; a sweep runs at most 10,000"),
+        (["federated.lr=" + ",".join(str(i) for i in range(101)), "seed=range(100)"], "101 x 100 = 10,100 runs"),
+        (["seed=range(" + "9" * 5000 + ")"], "(5,012 characters): a range's numbers must have at most 18 digits"),
+        (["seed=" + ",".join(["1"] * 3000)], "... (6,004 characters): a value repeats"),
     ],
 )
 def test_a_bad_spec_is_one_line_and_exit_2_before_anything_runs(tmp_path, spec, message, config):
@@ -162,6 +168,7 @@ def test_a_bad_spec_is_one_line_and_exit_2_before_anything_runs(tmp_path, spec, 
     assert result.exit_code == 2, result.output
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert len(lines[0]) < 300  # a huge token is cut, not echoed
     assert not (tmp_path / "sweep").exists() and not (tmp_path / "runs").exists()
 
 
