@@ -55,7 +55,12 @@ def dirichlet_partition(labels: torch.Tensor, num_clients: int, alpha: float, se
         idx = torch.nonzero(labels == c).flatten()
         idx = idx[torch.randperm(idx.numel(), generator=g)]
         draws = [rng.gammavariate(alpha, 1.0) for _ in range(num_clients)]
-        total = sum(draws) or 1.0
+        total = sum(draws)
+        if total == 0.0:
+            # every draw underflowed (alpha below ~1e-3): the largest would outweigh the
+            # next by a factor past any float, so Dir(alpha) is one-hot at a uniformly
+            # drawn client (all to the last one, as a 0/0 fallback did, is no draw at all)
+            draws[rng.randrange(num_clients)] = total = 1.0
         cuts, acc = [], 0.0
         for d in draws[:-1]:
             acc += d / total

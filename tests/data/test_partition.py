@@ -100,6 +100,19 @@ def test_dirichlet_sizes_are_unequal_and_nonempty():
     assert sum(sizes) == 500
 
 
+@pytest.mark.parametrize("alpha", [1e-10, 1e-300])
+def test_a_vanishing_alpha_gives_each_class_to_one_drawn_client(alpha: float):
+    """Dir(alpha -> 0) is one-hot: every gamma draw underflows to 0 here, and each class
+    must still go whole to a client drawn uniformly, not all ten to the last client."""
+    labels = balanced_labels(200)
+    parts = dirichlet_partition(labels, 20, alpha, seed=0)
+    assert_exact_cover(parts, labels.numel())
+    hist = label_histogram(labels, parts, 10)
+    owners = hist.argmax(0)
+    assert (hist.max(0).values >= 200 - 19).all()  # whole, but for single examples moved to empty clients
+    assert len(set(owners.tolist())) > 3  # 10 classes, 20 clients: not all to one client
+
+
 def test_more_clients_than_examples_is_a_user_error():
     with pytest.raises(FltoolError, match="num_clients"):
         partition(torch.zeros(5, dtype=torch.long), 6, DataConfig(), seed=0)
