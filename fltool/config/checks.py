@@ -25,6 +25,14 @@ def cross_checks(cfg: Config, source: Callable[[str], str], errors: list[str]) -
         errors.append(f"{source('data.synthetic.shape')}: data.synthetic.shape: must be [channels, height, width]")
     if cfg.data.dataset == "synthetic" and len(shape) == 3 and all(s >= 1 for s in shape):
         _check_synthetic_size(cfg.data.synthetic, source, errors)
+    for section in ("data", "model"):
+        part = getattr(cfg, section)
+        if part.init_args and not part.class_path:  # else ignored: a typo'd experiment that runs anyway
+            builtin = part.dataset if section == "data" else part.name
+            errors.append(
+                f"{source(f'{section}.init_args')}: {section}.init_args: only {section}.class_path takes arguments; "
+                f"the built-in {builtin} takes none"
+            )
     if cfg.data.partition == "natural" and not cfg.data.class_path:
         errors.append(
             f"{source('data.partition')}: data.partition: natural needs each example's client id, "

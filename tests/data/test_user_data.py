@@ -104,3 +104,17 @@ def test_bad_user_data_is_one_line_before_training(pkg: str, tmp_path: Path, tar
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and fragment.format(pkg=pkg) in lines[0], result.output
     assert not run_dir.exists()
+
+
+def test_init_args_without_a_class_path_are_refused_not_ignored(tmp_path: Path):
+    """A built-in dataset or model takes no arguments: `model.init_args` beside
+    `model.name: mlp` would otherwise run an experiment other than the one written."""
+    (tmp_path / "user.yaml").write_text("name: user\nmodel:\n  init_args: {width: 3}\n")
+    result = CliRunner().invoke(
+        app, ["train", str(tmp_path / "user.yaml"), "data.init_args={n: 2}", f"output.run_dir={tmp_path / 'r'}"]
+    )
+    assert result.exit_code == 2 and not (tmp_path / "r").exists()
+    assert result.output.strip().splitlines() == [
+        "error: command line: data.init_args: only data.class_path takes arguments; the built-in mnist takes none",
+        f"error: {tmp_path / 'user.yaml'}: model.init_args: only model.class_path takes arguments; the built-in mlp takes none",
+    ]
