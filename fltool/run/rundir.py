@@ -112,9 +112,10 @@ LOCK_FILE = ".lock"
 
 
 @contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
+def run_lock(run_dir: Path, what: str = "run") -> Iterator[None]:
     """Hold the run directory for this process: `train`, `train --resume` and `launch`
-    (node 0) write a run only while holding it, so two processes never write one run.
+    (node 0) write a run only while holding it, so two processes never write one run;
+    `sweep` holds its sweep directory the same way (`what`: "sweep").
     An flock: the OS drops it when the holder dies, so a killed run leaves no stale lock."""
     path = Path(run_dir) / LOCK_FILE
     try:
@@ -127,7 +128,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise FltoolError(
-                f"{run_dir}: another fltool process (pid {holder}) is writing this run; wait for it to end, or stop it"
+                f"{run_dir}: another fltool process (pid {holder}) is writing this {what}; wait for it to end, or stop it"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fltool.errors import FltoolError
+from fltool.run.rundir import run_lock
 from fltool.run.signals import sigterm_as_interrupt
 from fltool.run.sweep_spec import SEED, SweepPlan, prepare_dir
 
@@ -102,6 +103,12 @@ def _run_sweep(plan: SweepPlan, jobs: int, echo: Callable[[str], None], spawn: C
     if jobs < 1:
         raise FltoolError(f"sweep: --jobs must be at least 1, got {jobs}")
     prepare_dir(plan)
+    # two sweeps of one directory would start the same runs and write into one log
+    with run_lock(plan.dir, what="sweep"):
+        return _run_points(plan, jobs, echo, spawn)
+
+
+def _run_points(plan: SweepPlan, jobs: int, echo: Callable[[str], None], spawn: Callable[..., Any]) -> list[RunResult]:
     (plan.dir / "logs").mkdir(exist_ok=True)
     n = len(plan.points)
     pending = list(range(n))

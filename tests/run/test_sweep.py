@@ -9,6 +9,7 @@ import csv
 import json
 import io
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from fltool.config import dump_config
 from fltool.errors import FltoolError
 from fltool.run import sweep as sw
 from fltool.run import sweep_spec as spec
+from fltool.run.rundir import run_lock
 from fltool.run.runs_table import read_rows, run_info
 
 
@@ -136,6 +138,21 @@ def test_a_rerun_skips_finished_runs_and_resumes_the_others(tmp_path, monkeypatc
     summary = list(csv.DictReader(io.StringIO((plan.dir / "summary.csv").read_text())))
     assert summary[1]["final_accuracy"] == str(results[1].final_accuracy) != ""
     assert set(summary[0]) >= {"run", "federated.lr", "seed", "final_accuracy", "best_accuracy", "target_round", "wall_s"}
+
+
+def test_a_sweep_already_running_in_the_dir_is_refused_before_any_run_starts(tmp_path, config):
+    """Two sweeps of one directory would start the same runs (one failing at the run's
+    lock) and write into the same logs: the second is one line naming the first's pid."""
+    plan = spec.plan_sweep(config, ["seed=0,1"], tmp_path / "sweep")
+    spec.prepare_dir(plan)
+    started = []
+    with run_lock(plan.dir, what="sweep"):  # as the first sweep holds it
+        with pytest.raises(FltoolError, match=rf"another fltool process \(pid {os.getpid()}\) is writing this sweep"):
+            sw.run_sweep(plan, 1, print, spawn=lambda *a: started.append(a))
+        result = CliRunner().invoke(app, ["sweep", str(config), "seed=0,1", "--dir", str(plan.dir)])
+    assert started == [] and result.exit_code == 2
+    assert result.stderr.splitlines() == [f"error: {plan.dir}: another fltool process (pid {os.getpid()}) is writing this sweep; wait for it to end, or stop it"]
+    assert not plan.run_dir(0).exists() and not (plan.dir / "summary.csv").exists()
 
 
 def test_another_sweep_in_the_same_dir_is_refused(tmp_path, config):
