@@ -33,6 +33,7 @@ from fltool.run.signals import sigterm_as_interrupt
 from fltool.run.sweep_spec import SEED, SweepPlan, prepare_dir
 
 SUMMARY_FILE = "summary.csv"
+MAX_JOBS = 1024  # as launch's --nproc: each run is a process holding torch, and all would start at once
 # a run at its end: trained as planned or to its target, or stopped by a rule (it
 # diverged, or its privacy budget is spent), which a resume would not train further
 ENDED = ("finished", "stopped")
@@ -102,6 +103,8 @@ def _run_sweep(plan: SweepPlan, jobs: int, echo: Callable[[str], None], spawn: C
     starts one (a Popen-like object: poll, send_signal, wait, kill)."""
     if jobs < 1:
         raise FltoolError(f"sweep: --jobs must be at least 1, got {jobs}")
+    if jobs > MAX_JOBS:
+        raise FltoolError(f"sweep: --jobs must be at most {MAX_JOBS} (processes on this machine), got {jobs}")
     prepare_dir(plan)
     # two sweeps of one directory would start the same runs and write into one log
     with run_lock(plan.dir, what="sweep"):

@@ -216,6 +216,8 @@ def test_jobs_runs_that_many_processes_at_once(tmp_path, config, monkeypatch):
     assert [r.status for r in results] == ["not started"] * 5  # (the stand-in wrote no run)
     with pytest.raises(FltoolError, match="--jobs must be at least 1"):
         sw.run_sweep(plan, 0, lambda line: None, spawn=Slow)
+    with pytest.raises(FltoolError, match="--jobs must be at most 1024 \\(processes on this machine\\), got 100000"):
+        sw.run_sweep(plan, 100_000, lambda line: None, spawn=Slow)
 
 
 def test_sigterm_stops_a_background_sweep_and_its_runs_cleanly(tmp_path, make_config):
