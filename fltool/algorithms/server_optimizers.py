@@ -39,7 +39,8 @@ class AdaptiveConfig(ServerOptimizerConfig):
     lr: float = field(default=0.01, metadata=POSITIVE)
     beta1: float = field(default=0.9, metadata=BETA)
     beta2: float = field(default=0.99, metadata=BETA)
-    tau: float = field(default=1e-3, metadata=POSITIVE)  # adaptivity: larger is closer to sgd
+    # adaptivity: larger is closer to sgd; v starts at tau^2, a float32 tensor
+    tau: float = field(default=1e-3, metadata=_check(lambda v: 0 < v <= 1e18, "a number in (0, 1e18] (v starts at tau^2, in float32)"))
     bias_correction: bool = False
 
 

@@ -26,6 +26,7 @@ from fltool.config.yaml12 import DuplicateKeys, Yaml12Dumper, parse_yaml
 from fltool.errors import FltoolError
 
 INT_MAX = 2**63 - 1  # torch indexes and counts with int64; a larger count fails deep inside it
+FLOAT32_MAX = 3.4028234663852886e38
 
 # settings that moved when the algorithm became its own section: the message says where
 LEGACY_MODES = ("fedavg", "fedsgd", "fedprox")
@@ -349,13 +350,17 @@ def _coerce(value: Any, tp: Any, allowed: str = "") -> tuple[Any, str | None]:
             return int(value), None
         return None, f"expected {_kind('an integer', allowed)}, got {show(value)}"
     if tp is float:
+        if isinstance(value, float) and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+            # every such number ends up scaling float32 tensors: torch refuses to convert
+            # it (a traceback mid-round), or it overflows to inf
+            return None, f"must be at most {FLOAT32_MAX:.4g} in size (float32's largest), got {show(value)}"
         if isinstance(value, float):
             return value, None
         if isinstance(value, int) and not isinstance(value, bool):
             # beyond float's range is +-inf, as the literal 1e400 is: the finite checks refuse it
             if abs(value) > sys.float_info.max:
                 return (math.inf if value > 0 else -math.inf), None
-            return float(value), None
+            return _coerce(float(value), tp, allowed)
         return None, f"expected {_kind('a number', allowed)}, got {show(value)}"
     if tp is str:
         if not isinstance(value, str):

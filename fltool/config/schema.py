@@ -25,6 +25,9 @@ AT_LEAST_ONE = _check(lambda v: v >= 1, ">= 1")
 UNIT_INTERVAL_OPEN_LEFT = _check(lambda v: 0 < v <= 1, "in (0, 1]")
 UNIT_INTERVAL_CLOSED = _check(lambda v: 0 <= v <= 1, "in [0, 1]")
 PERCENT = _check(lambda v: 0 < v <= 1, "in (0, 1] (a fraction, not a percentage)")
+# the range calibration searches (privacy/accountant.py); dp-accounting's RDP fails past
+# ~1e8, and divides by zero near 1e-300
+NOISE_MULTIPLIER = _check(lambda v: v == 0 or 1e-6 <= v <= 1e6, "0 (no noise) or in [1e-6, 1e6]")
 MAPPING = _check(lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a mapping of names to values")
 
 
@@ -167,7 +170,7 @@ class DPConfig:
     mode: Literal["none", "central", "local"] = "none"
     clip_norm: float = field(default=1.0, metadata=POSITIVE)  # S, on each client's whole update
     # z: the noise std is z * S; null: calibrated from target_epsilon over federated.rounds
-    noise_multiplier: float | None = field(default=None, metadata=NON_NEGATIVE)
+    noise_multiplier: float | None = field(default=None, metadata=NOISE_MULTIPLIER)
     target_epsilon: float | None = field(default=None, metadata=POSITIVE)
     delta: float | None = field(default=None, metadata=_check(lambda v: 0 < v < 1, "in (0, 1)"))  # null: 1 / K^1.1
     max_epsilon: float | None = field(default=None, metadata=POSITIVE)  # stop before a round would exceed it
@@ -177,7 +180,7 @@ class DPConfig:
     target_quantile: float = field(default=0.5, metadata=_check(lambda v: 0 < v < 1, "in (0, 1)"))
     clip_lr: float = field(default=0.2, metadata=POSITIVE)  # eta_C, geometric update of S
     # std of the noise on the count of unclipped clients; null: expected cohort / 20 (the paper's)
-    count_noise: float | None = field(default=None, metadata=POSITIVE)
+    count_noise: float | None = field(default=None, metadata=_check(lambda v: 0 < v <= 1e6, "in (0, 1e6]"))
     # seeded: reproducible noise (research); os: the OS CSPRNG, reproducibility given up
     noise_source: Literal["seeded", "os"] = "seeded"
     # central mode: who adds the Gaussian noise. server: to the unmasked sum (a server trusted

@@ -40,6 +40,9 @@ CASES = {
         "dp.count_noise: count noise 0.4 leaves no noise for the update: adaptive clipping needs 2 * dp.count_noise > z = 1",
     ),
     "delta of 1": ([*DP, "dp.delta=1"], "dp.delta: must be in (0, 1), got 1.0"),
+    # dp-accounting divides by zero near 1e-300 and fails past ~1e8
+    "a vanishing noise multiplier": (["dp.mode=central", "dp.noise_multiplier=1e-300"], "dp.noise_multiplier: must be 0 (no noise) or in [1e-6, 1e6], got 1e-300"),
+    "a huge noise multiplier": (["dp.mode=central", "dp.noise_multiplier=3e38"], "dp.noise_multiplier: must be 0 (no noise) or in [1e-6, 1e6], got 3e+38"),
     "unknown mode": (["dp.mode=global"], "dp.mode: must be one of none, central, local; got 'global'"),
 }
 

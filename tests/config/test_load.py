@@ -141,6 +141,26 @@ def test_float_keys_refuse_integers_beyond_float_range():
     ]
 
 
+def test_float_keys_refuse_numbers_past_float32():
+    """Each of these scales float32 tensors: past float32's largest, torch refused to
+    convert it mid-round (federated.lr=1e308 was a traceback in round 1)."""
+    keys = ["federated.lr", "server_optimizer.lr", "algorithm.mu", "dp.clip_norm", "aggregator.clip_norm"]
+    sections = ["algorithm.name=fedprox", "dp.mode=central", "dp.noise_multiplier=1", "aggregator.name=norm_bounded"]
+    with pytest.raises(FltoolError) as info:
+        load_config(None, [*sections, *(f"{k}=1e308" for k in keys), "attack.name=scaling", "attack.factor=" + "9" * 50])
+    assert sorted(info.value.lines) == sorted([
+        *(f"command line: {k}: must be at most 3.403e+38 in size (float32's largest), got 1e+308" for k in keys),
+        "command line: attack.factor: must be at most 3.403e+38 in size (float32's largest), got 1e+50",
+    ])
+    assert load_config(None, ["federated.lr=3e38"]).federated.lr == 3e38  # (it diverges: a run stops, says so)
+
+
+def test_adaptive_tau_squared_must_fit_float32():
+    with pytest.raises(FltoolError) as info:
+        load_config(None, ["server_optimizer.name=adam", "server_optimizer.tau=3e38"])
+    assert info.value.lines == ["command line: server_optimizer.tau: must be a number in (0, 1e18] (v starts at tau^2, in float32), got 3e+38"]
+
+
 # -- the registry sections: algorithm, server_optimizer, aggregator ----------------------
 
 REGISTRIES = {"algorithm": ALGORITHMS, "server_optimizer": SERVER_OPTIMIZERS, "aggregator": AGGREGATORS}
@@ -211,7 +231,7 @@ def test_an_unknown_name_in_a_file_names_the_file(tmp_path: Path):
             "server_optimizer.momentum: unknown key of server_optimizer adam (a key of sgd); valid keys: name, lr, beta1, beta2, tau, bias_correction",
         ),
         (["server_optimizer.name=yogi", "server_optimizer.beta2=1"], "server_optimizer.beta2: must be in [0, 1), got 1.0"),
-        (["server_optimizer.name=adagrad", "server_optimizer.tau=0"], "server_optimizer.tau: must be a finite number > 0, got 0.0"),
+        (["server_optimizer.name=adagrad", "server_optimizer.tau=0"], "server_optimizer.tau: must be a number in (0, 1e18] (v starts at tau^2, in float32), got 0.0"),
         (
             ["server_optimizer.name=adam", "server_optimizer.bias_correction=yes"],
             "server_optimizer.bias_correction: expected true or false, got 'yes'",

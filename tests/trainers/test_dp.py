@@ -114,6 +114,24 @@ def test_a_max_epsilon_below_one_round_is_refused_before_training(tmp_path):
         budget_for(cfg)
 
 
+@pytest.mark.parametrize(
+    "dp, message",
+    [
+        # PLD ran out of 6 GB at this one (RDP epsilon 1244; 721 already did)
+        ({"mode": "central", "noise_multiplier": 0.03}, r"dp.noise_multiplier: z = 0.03 spends epsilon 1\d{3} over 3 rounds \(by RDP\)"),
+        ({"mode": "local", "noise_multiplier": 0.1}, r"dp.noise_multiplier: z = 0.1 spends epsilon [\d.]+ over 3 rounds"),
+        ({"mode": "central", "target_epsilon": 500}, r"dp.target_epsilon: 500: the PLD accountant's grid grows with epsilon"),
+    ],
+)
+def test_pld_past_its_range_is_refused_before_it_fills_memory(tmp_path, dp, message):
+    cfg = make_config(tmp_path, federated={"sampling": "poisson", "fraction": 1.0}, dp={**dp, "accountant": "pld"})
+    with pytest.raises(FltoolError, match=message) as info:
+        budget_for(cfg)
+    assert info.value.lines[0].endswith(("use dp.accountant rdp", "raise z, or use dp.accountant rdp"))
+    rdp = make_config(tmp_path, federated={"sampling": "poisson", "fraction": 1.0}, dp=dp)
+    assert budget_for(rdp) is not None  # RDP accounts for it, in milliseconds
+
+
 def test_os_noise_runs_and_is_not_reproducible(tmp_path):
     settings = {"dp": {"mode": "central", "clip_norm": 0.5, "noise_multiplier": 0.8, "noise_source": "os"}}
     models = []
