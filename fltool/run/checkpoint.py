@@ -247,9 +247,19 @@ def _load_failure(path: Path, exc: BaseException) -> str:
         detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
         if m := re.match(r"Unsupported global: GLOBAL (\S+)", detail):
             return f"{path}: not an fltool checkpoint (it holds an object of type {m[1]}; fltool's hold only tensors and plain values)"
-        return f"{path}: not a readable checkpoint (corrupt data: {detail.rstrip('.')[:120]})"
+        return f"{path}: not a readable checkpoint (corrupt data: {first_sentence(detail, 120)})"
     if isinstance(exc, (RuntimeError, zipfile.BadZipFile)) and text:
-        return f"{path}: not a readable checkpoint ({text.splitlines()[0][:160]})"
+        # torch's zip reader adds "This is an internal miniz error. If you are seeing this ..."
+        return f"{path}: not a readable checkpoint (corrupt or truncated: {first_sentence(text, 160)})"
     # an unpickler's internal error (KeyError: 101) explains nothing by itself
-    detail = f"{type(exc).__name__}: {text.splitlines()[0][:80]}" if text else type(exc).__name__
+    detail = f"{type(exc).__name__}: {first_sentence(text, 80)}" if text else type(exc).__name__
     return f"{path}: not a readable checkpoint (corrupt or truncated data; {detail})"
+
+
+def first_sentence(text: str, limit: int) -> str:
+    """The first sentence of an error's first line, cut at a word (not mid-word) past `limit`."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    sentence = re.split(r"(?<=[a-z0-9)])\. ", line, maxsplit=1)[0].rstrip(".")
+    if len(sentence) <= limit:
+        return sentence
+    return sentence[:limit].rsplit(" ", 1)[0] + " ..."

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from fltool.cli import app
 from fltool.config import dump_config
-from fltool.run.checkpoint import check_weights_fit, load_checkpoint
+from fltool.run.checkpoint import check_weights_fit, first_sentence, load_checkpoint
 from fltool.run.rundir import last_checkpoint
 from fltool.errors import FltoolError
 
@@ -167,6 +167,26 @@ def test_corrupt_checkpoints_fail_in_one_error_never_an_exception_from_torch(run
                 assert not caught, [str(w.message) for w in caught]
                 outcomes.add(exc.lines[0].split(": ")[1].split(" (")[0])
     assert "not a readable checkpoint" in outcomes
+
+
+def test_a_truncated_checkpoint_says_so_in_a_whole_sentence(run_dir: Path, tmp_path: Path):
+    """torch's zip reader appends "This is an internal miniz error. If you are seeing
+    this error, there is a high ..." -- cut at 160 characters, mid-sentence, before."""
+    path = tmp_path / "truncated.pt"
+    path.write_bytes(last_checkpoint(run_dir).read_bytes()[:1000])
+    with pytest.raises(FltoolError) as info:
+        load_checkpoint(path)
+    assert info.value.lines == [
+        f"{path}: not a readable checkpoint (corrupt or truncated: "
+        "PytorchStreamReader failed reading zip archive: failed finding central directory)"
+    ]
+
+
+def test_first_sentence_cuts_at_a_word():
+    assert first_sentence("Bad thing happened. Try again later.\nTraceback", 80) == "Bad thing happened"
+    assert first_sentence("version 2.14.1 is fine. More", 80) == "version 2.14.1 is fine"
+    assert first_sentence("word " * 40, 30) == "word word word word word word ..."
+    assert first_sentence("", 10) == ""
 
 
 def test_a_text_file_as_last_checkpoint_is_refused_by_resume_in_one_line(run_dir: Path):
