@@ -38,13 +38,18 @@ class ClientStore:
         if device.type == "cuda":  # (meta: a shape-only copy, to check a checkpoint against)
             budget = DEVICE_FRACTION * torch.cuda.get_device_properties(device).total_memory
             self.home = device if table_bytes(initial, num_clients) <= budget else torch.device("cpu")
-        pin = self.home.type == "cpu" and device.type == "cuda"
-        self.tables: dict[str, list[Tensor]] = {
-            name: [self._table(t, pin) for t in ts] for name, ts in initial.items()
-        }
+        self.pin = self.home.type == "cpu" and device.type == "cuda"
+        self.initial = initial
+        self.written = False  # until then every row is the initial one
+        self.tables: dict[str, list[Tensor]] = {name: [self._table(t) for t in ts] for name, ts in initial.items()}
 
-    def _table(self, row: Tensor, pin: bool) -> Tensor:
-        table = torch.zeros((self.num_clients, *row.shape), dtype=row.dtype, device=self.home, pin_memory=pin)
+    def _table(self, row: Tensor, order: list[int] | None = None) -> Tensor:
+        """Every client's copy of `row`, dims nested in `order` (outermost first; default
+        contiguous)."""
+        shape = (self.num_clients, *row.shape)
+        order = order or list(range(len(shape)))
+        table = torch.zeros([shape[d] for d in order], dtype=row.dtype, device=self.home, pin_memory=self.pin)
+        table = table.permute(*(order.index(d) for d in range(len(shape))))
         if row.device.type != "meta" and bool(row.any()):  # zeros, the common start, need no pass
             table.copy_(row.to(self.home).expand_as(table))
         return table
@@ -58,11 +63,26 @@ class ClientStore:
     def write(self, ids: Tensor, rows: Stacked) -> None:
         index = ids.to(self.home, torch.long)
         for name, ts in self.tables.items():
-            for j, (table, new) in enumerate(zip(ts, rows[name], strict=True)):
-                relaid = in_row_layout_of(table, new, pin=table.device.type == "cpu" and self.device.type == "cuda")
-                if relaid is not None:
-                    table = ts[j] = relaid
-                table.index_copy_(0, index, new.to(self.home, table.dtype))
+            if len(rows[name]) != len(ts):
+                raise ValueError(f"{name}: {len(rows[name])} tensors written to a table of {len(ts)}")
+            for j, new in enumerate(rows[name]):
+                order = layout_to_adopt(ts[j], new)
+                if order is not None:
+                    self._relay(name, j, order)
+                ts[j].index_copy_(0, index, new.to(self.home, ts[j].dtype))
+        self.written = True
+
+    def _relay(self, name: str, j: int, order: list[int]) -> None:
+        """Lay table j of `name` out with its dims nested in `order`. Before the first
+        write every row is the initial one: the old table goes first and the new one is
+        built from that row, so a large table never exists twice. After it (a resumed
+        run whose checkpoint kept another layout), one copy."""
+        ts = self.tables[name]
+        if self.written:
+            ts[j] = self._table(self.initial[name][j], order).copy_(ts[j])
+        else:
+            ts[j] = None  # type: ignore[call-overload]
+            ts[j] = self._table(self.initial[name][j], order)
 
     def state_dict(self) -> dict[str, list[Tensor]]:
         """The tables on the host: on CPU the live tables themselves (a copy of K clients'
@@ -70,26 +90,31 @@ class ClientStore:
         return {name: [t.detach().cpu() for t in ts] for name, ts in self.tables.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The saved tables' values, in the saved layout (torch.save keeps strides): a
+        resumed run's first write then needs no relayout."""
         for name, ts in self.tables.items():
-            for table, saved in zip(ts, state[name], strict=True):
-                table.copy_(saved)
+            for j, saved in enumerate(state[name]):
+                order = layout_to_adopt(ts[j], saved)
+                if order is not None:
+                    ts[j] = None  # type: ignore[call-overload]
+                    ts[j] = self._table(self.initial[name][j], order)
+                ts[j].copy_(saved)
+        self.written = True
 
 
-def in_row_layout_of(table: Tensor, rows: Tensor, pin: bool = False) -> Tensor | None:
-    """A copy of `table` whose rows have the memory layout of `rows` (M, ...), or None
-    when there is nothing to change: `rows` contiguous (the sequential engine's, or
-    joined under `launch`; a table never goes back, so mixed writers cannot make it
-    flip every round), overlapping or with gaps, or already laid out alike."""
+def layout_to_adopt(table: Tensor, rows: Tensor) -> list[int] | None:
+    """The dims of `rows` (M, ...) from outermost to innermost in memory, where a table
+    laid out so would differ from `table`; else None: `rows` contiguous (the sequential
+    engine's, or joined under `launch`; a table never goes back, so mixed writers cannot
+    make it flip every round), overlapping or with gaps, or laid out like the table."""
     if rows.dim() < 3 or rows.is_contiguous():
         return None
     order = sorted(range(rows.dim()), key=lambda d: -rows.stride(d))  # outermost first
     if order[0] != 0 or not _dense_in_order(rows, order):
         return None
-    relaid = torch.empty([table.shape[d] for d in order], dtype=table.dtype, device=table.device, pin_memory=pin)
-    relaid = relaid.permute(*(order.index(d) for d in range(rows.dim())))
-    if relaid.stride() == table.stride():
+    if _dense_in_order(table, order):
         return None
-    return relaid.copy_(table)
+    return order
 
 
 def _dense_in_order(t: Tensor, order: list[int]) -> bool:

@@ -119,3 +119,30 @@ def test_rows_with_gaps_or_overlaps_leave_the_layout_alone():
     assert store.tables["c"][0].is_contiguous()
     assert torch.equal(store.rows([1])["c"][0], wide[1:])
     assert torch.equal(store.rows([0, 2])["c"][0], broadcast)
+
+
+def test_the_first_relayout_rebuilds_from_the_initial_row_and_loading_keeps_the_saved_layout():
+    """Before any write every row is the initial one: the table is rebuilt in the new
+    layout from it rather than copied (a large table never exists twice). A checkpoint
+    keeps the layout (torch.save keeps strides), so a resumed store starts in it."""
+    start = {"c": [torch.full((2, 3), 0.5)]}
+    store = ClientStore(start, 4, CPU)
+    new = torch.randn(1, 2, 3)
+    store.write(torch.tensor([2]), {"c": [transposed(new)]})
+    table = store.tables["c"][0]
+    assert table.stride() == (6, 1, 2)
+    assert torch.equal(table, torch.stack([torch.full((2, 3), 0.5)] * 2 + [new[0], torch.full((2, 3), 0.5)]))
+    saved = {k: [t.clone() for t in v] for k, v in store.state_dict().items()}
+    assert saved["c"][0].stride() == (6, 1, 2)  # (clone keeps a dense layout)
+    fresh = ClientStore(start, 4, CPU)
+    fresh.load_state_dict(saved)
+    loaded = fresh.tables["c"][0]
+    assert loaded.stride() == (6, 1, 2) and torch.equal(loaded, table)
+    fresh.write(torch.tensor([0]), {"c": [transposed(torch.ones(1, 2, 3))]})
+    assert fresh.tables["c"][0] is loaded  # no relayout after a resume
+    contiguous = ClientStore(start, 4, CPU)
+    contiguous.load_state_dict({"c": [table.contiguous()]})  # a checkpoint of the sequential engine
+    assert contiguous.tables["c"][0].is_contiguous() and torch.equal(contiguous.tables["c"][0], table)
+    contiguous.write(torch.tensor([1]), {"c": [transposed(new)]})  # written already: one copy
+    assert contiguous.tables["c"][0].stride() == (6, 1, 2)
+    assert torch.equal(contiguous.rows([1, 2])["c"][0], torch.cat([new, new]))
