@@ -43,14 +43,15 @@ class ClientStore:
         self.written = False  # until then every row is the initial one
         self.tables: dict[str, list[Tensor]] = {name: [self._table(t) for t in ts] for name, ts in initial.items()}
 
-    def _table(self, row: Tensor, order: list[int] | None = None) -> Tensor:
-        """Every client's copy of `row`, dims nested in `order` (outermost first; default
-        contiguous)."""
+    def _table(self, row: Tensor, order: list[int] | None = None, fill: bool = True) -> Tensor:
+        """Every client's copy of `row` (uninitialised with `fill` False), dims nested in
+        `order` (outermost first; default contiguous)."""
         shape = (self.num_clients, *row.shape)
         order = order or list(range(len(shape)))
-        table = torch.zeros([shape[d] for d in order], dtype=row.dtype, device=self.home, pin_memory=self.pin)
+        new = torch.zeros if fill else torch.empty
+        table = new([shape[d] for d in order], dtype=row.dtype, device=self.home, pin_memory=self.pin)
         table = table.permute(*(order.index(d) for d in range(len(shape))))
-        if row.device.type != "meta" and bool(row.any()):  # zeros, the common start, need no pass
+        if fill and row.device.type != "meta" and bool(row.any()):  # zeros, the common start, need no pass
             table.copy_(row.to(self.home).expand_as(table))
         return table
 
@@ -79,7 +80,7 @@ class ClientStore:
         run whose checkpoint kept another layout), one copy."""
         ts = self.tables[name]
         if self.written:
-            ts[j] = self._table(self.initial[name][j], order).copy_(ts[j])
+            ts[j] = self._table(self.initial[name][j], order, fill=False).copy_(ts[j])
         else:
             ts[j] = None  # type: ignore[call-overload]
             ts[j] = self._table(self.initial[name][j], order)
@@ -97,7 +98,7 @@ class ClientStore:
                 order = layout_to_adopt(ts[j], saved)
                 if order is not None:
                     ts[j] = None  # type: ignore[call-overload]
-                    ts[j] = self._table(self.initial[name][j], order)
+                    ts[j] = self._table(self.initial[name][j], order, fill=False)
                 ts[j].copy_(saved)
         self.written = True
 
